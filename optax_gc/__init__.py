@@ -1,0 +1,18 @@
+"""optax_gc: layout-aware Gradient Centralization for Optax.
+
+>>> import optax, optax_gc
+>>> tx = optax.chain(optax_gc.centralize(), optax.adam(1e-3))
+"""
+
+from optax_gc._src.alias import gc_adam, gc_adamw, gc_sgd
+from optax_gc._src.centralize import centralize, gc_removed_fraction
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "centralize",
+    "gc_adam",
+    "gc_adamw",
+    "gc_removed_fraction",
+    "gc_sgd",
+]

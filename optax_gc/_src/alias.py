@@ -1,0 +1,229 @@
+"""The paper's optimizers with Gradient Centralization, as Optax chains.
+
+Each alias is ``optax.chain`` of small Optax transformations and
+:func:`optax_gc.centralize`, so it composes with every Optax wrapper and works
+under ``optax.inject_hyperparams``.
+"""
+
+import optax
+
+from optax_gc._src.centralize import Mask, OutputAxis, centralize
+
+__all__ = ["gc_sgd", "gc_adam", "gc_adamw"]
+
+
+def _min_ndim(conv_only: bool) -> int:
+  # JAX dense kernels have rank 2, conv kernels rank >= 3.
+  return 3 if conv_only else 2
+
+
+def gc_sgd(
+    learning_rate: optax.ScalarOrSchedule,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    *,
+    conv_only: bool = False,
+    output_axis: OutputAxis = -1,
+) -> optax.GradientTransformationExtraArgs:
+  r"""SGD with momentum and Gradient Centralization (the paper's SGD_GC / SGD_GCC).
+
+  With gradient :math:`g`, parameters :math:`p` and :math:`\Phi` =
+  :func:`optax_gc.centralize`, each step is, as in the paper's PyTorch code:
+
+  .. math::
+
+    d = \Phi(g + \lambda p), \quad b \leftarrow \mu b + d \; (b_1 = d), \quad
+    p \leftarrow p - \eta \, s, \quad
+    s = \begin{cases} d + \mu b & \text{Nesterov} \\ b & \text{else.}\end{cases}
+
+  The weight decay is coupled (added to the gradient before GC), as in
+  ``torch.optim.SGD``.
+
+  Args:
+    learning_rate: a float or an ``optax.Schedule``.
+    momentum: the momentum :math:`\mu` (0 for plain SGD); may be a traced array.
+    nesterov: whether to use Nesterov momentum.
+    weight_decay: the coupled L2 coefficient :math:`\lambda`.
+    conv_only: ``True`` centralizes only conv kernels (rank >= 3): the
+      paper's GCC. ``False`` centralizes dense kernels too (GC).
+    output_axis: which axis holds output units, see :func:`optax_gc.centralize`.
+
+  Returns:
+    A :class:`optax.GradientTransformationExtraArgs` object.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_gc
+    >>> params = {'w': jnp.array([[1., 2.], [3., 4.]])}
+    >>> tx = optax_gc.gc_sgd(learning_rate=0.1, momentum=0.9)
+    >>> grads = {'w': jnp.array([[1., 0.], [3., 0.]])}
+    >>> updates, _ = tx.update(grads, tx.init(params), params)
+    >>> print(updates['w'])
+    [[ 0.1 -0. ]
+     [-0.1 -0. ]]
+
+  References:
+    Yong, Huang, Hua and Zhang, `Gradient Centralization: A New Optimization
+    Technique for Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_,
+    ECCV 2020.
+  """
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay),
+      centralize(output_axis, min_ndim=_min_ndim(conv_only)),
+      optax.trace(decay=momentum, nesterov=nesterov),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def _placed(
+    core: optax.GradientTransformation,
+    gc: optax.GradientTransformation,
+    learning_rate: optax.ScalarOrSchedule,
+    centralize_update: bool,
+) -> optax.GradientTransformationExtraArgs:
+  """GC then ``core`` then the learning rate, or GC on the final update."""
+  if centralize_update:
+    return optax.chain(core, optax.scale_by_learning_rate(learning_rate), gc)
+  return optax.chain(gc, core, optax.scale_by_learning_rate(learning_rate))
+
+
+def gc_adam(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    *,
+    conv_only: bool = False,
+    output_axis: OutputAxis = -1,
+    centralize_update: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Adam with Gradient Centralization (the paper's Adam_GC / Adam_GCC).
+
+  With :math:`\Phi` = :func:`optax_gc.centralize`, coupled weight decay
+  :math:`\lambda` and step :math:`t`:
+
+  .. math::
+
+    d = \Phi(g + \lambda p), \quad m \leftarrow \beta_1 m + (1-\beta_1) d, \quad
+    v \leftarrow \beta_2 v + (1-\beta_2) d^2, \quad
+    p \leftarrow p - \eta \frac{\hat m}{\sqrt{\hat v} + \epsilon},
+
+  with bias-corrected :math:`\hat m, \hat v` and :math:`\epsilon` added to
+  :math:`\sqrt{\hat v}` (as ``optax.adam`` and ``torch.optim.Adam``).
+
+  With ``centralize_update=True`` (the paper code's ``Adam_GC2``) the gradient
+  goes into Adam's moments unchanged and :math:`\Phi` is applied to the final
+  update :math:`-\eta \hat m / (\sqrt{\hat v} + \epsilon)` instead. Adam's
+  per-element scaling does not keep the centralized gradient centralized, so
+  only this form keeps every output unit's fan-in sum of weights exactly
+  constant (the paper's projected-gradient view, Sec. 4.1).
+
+  Args:
+    learning_rate: a float or an ``optax.Schedule``.
+    b1: decay of the first moment.
+    b2: decay of the second moment.
+    eps: added to :math:`\sqrt{\hat v}`.
+    weight_decay: coupled L2 coefficient added to the gradient before GC.
+    conv_only: ``True`` for GCC (conv kernels only), ``False`` for GC.
+    output_axis: which axis holds output units, see :func:`optax_gc.centralize`.
+    centralize_update: apply GC to the final update instead of the gradient.
+
+  Returns:
+    A :class:`optax.GradientTransformationExtraArgs` object.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_gc
+    >>> params = {'w': jnp.zeros((3, 2))}
+    >>> tx = optax_gc.gc_adam(learning_rate=1e-3)
+    >>> grads = {'w': jnp.array([[1., 2.], [2., 2.], [3., 2.]])}
+    >>> updates, _ = tx.update(grads, tx.init(params), params)
+    >>> print(updates['w'].round(4) + 0.0)  # the column of 2s centralizes to 0
+    [[ 0.001  0.   ]
+     [ 0.     0.   ]
+     [-0.001  0.   ]]
+
+  References:
+    Yong, Huang, Hua and Zhang, `Gradient Centralization: A New Optimization
+    Technique for Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_,
+    ECCV 2020.
+
+    Kingma and Ba, `Adam: A Method for Stochastic Optimization
+    <https://arxiv.org/abs/1412.6980>`_, 2014.
+  """
+  core = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+  gc = centralize(output_axis, min_ndim=_min_ndim(conv_only))
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay),
+      _placed(core, gc, learning_rate, centralize_update),
+  )
+
+
+def gc_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-4,
+    *,
+    conv_only: bool = False,
+    output_axis: OutputAxis = -1,
+    mask: Mask = None,
+    centralize_update: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdamW (decoupled weight decay) with Gradient Centralization.
+
+  GC is applied to the raw gradient, then AdamW runs exactly as
+  ``optax.adamw`` / ``torch.optim.AdamW``:
+
+  .. math::
+
+    d = \Phi(g), \quad
+    p \leftarrow p - \eta \left(\frac{\hat m}{\sqrt{\hat v} + \epsilon}
+    + \lambda p\right).
+
+  With ``centralize_update=True``, :math:`\Phi` is applied instead to the final
+  update, decoupled decay term included, so each output unit's fan-in sum of
+  weights stays exactly constant.
+
+  Args:
+    learning_rate: a float or an ``optax.Schedule``.
+    b1: decay of the first moment.
+    b2: decay of the second moment.
+    eps: added to :math:`\sqrt{\hat v}`.
+    weight_decay: decoupled decay :math:`\lambda` (scaled by the learning rate).
+    conv_only: ``True`` for GCC (conv kernels only), ``False`` for GC.
+    output_axis: which axis holds output units, see :func:`optax_gc.centralize`.
+    mask: which leaves decay, as in ``optax.adamw``: a pytree of bools or a
+      callable ``params -> such a pytree``.
+    centralize_update: apply GC to the final update instead of the gradient.
+
+  Returns:
+    A :class:`optax.GradientTransformationExtraArgs` object.
+
+  Examples:
+    >>> import jax
+    >>> import optax_gc
+    >>> params = {'w': jax.numpy.ones((4, 3)), 'b': jax.numpy.ones(3)}
+    >>> tx = optax_gc.gc_adamw(1e-3, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
+    >>> updates, _ = tx.update(params, tx.init(params), params)
+    >>> print(updates['b'].round(4))  # no GC and no decay on the bias: -lr * sign(g)
+    [-0.001 -0.001 -0.001]
+
+  References:
+    Yong, Huang, Hua and Zhang, `Gradient Centralization: A New Optimization
+    Technique for Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_,
+    ECCV 2020.
+
+    Loshchilov and Hutter, `Decoupled Weight Decay Regularization
+    <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
+  """
+  core = optax.chain(
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+      optax.add_decayed_weights(weight_decay, mask),
+  )
+  gc = centralize(output_axis, min_ndim=_min_ndim(conv_only))
+  return _placed(core, gc, learning_rate, centralize_update)
+

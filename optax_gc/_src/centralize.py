@@ -1,0 +1,374 @@
+"""Layout-aware Gradient Centralization as an Optax gradient transformation.
+
+The layout rule (which axis holds the output units for Flax, Haiku, Keras,
+Equinox and PyTorch-style trees) is stated once, in :func:`centralize`.
+"""
+
+from collections.abc import Callable
+from typing import Any, TypeAlias
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+AxisSpec: TypeAlias = int | tuple[int, ...] | None
+OutputAxis: TypeAlias = AxisSpec | Any | Callable[[optax.Params], Any]
+Mask: TypeAlias = Any | Callable[[optax.Params], Any] | None
+
+__all__ = ["centralize", "gc_removed_fraction"]
+
+
+def _is_passthrough_node(x: Any) -> bool:
+  """Nodes of the updates tree that GC never touches and that carry no array."""
+  return x is None or isinstance(x, optax.MaskedNode)
+
+
+def _is_axis_leaf(x: Any) -> bool:
+  """Leaves of an ``output_axis`` tree: ``None``, an int, a tuple of ints, an array."""
+  if x is None or isinstance(x, (int, np.integer, jax.Array, np.ndarray)):
+    return True
+  return isinstance(x, tuple) and all(isinstance(a, (int, np.integer)) for a in x)
+
+
+def _describe(path: Any, leaf: Any) -> str:
+  shape = getattr(leaf, "shape", None)
+  return f"leaf {jax.tree_util.keystr(path) or '<root>'} with shape {shape}"
+
+
+def _broadcast_spec(
+    spec: Any, updates: Any, name: str, is_leaf: Callable[[Any], bool]
+) -> list[Any]:
+  """Returns ``spec`` as one entry per leaf of ``updates`` (a prefix broadcast).
+
+  A single value applies to every leaf; a tree must match the structure of the
+  updates. On a mismatch the error names the first leaf that differs.
+  """
+  paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(
+      updates, is_leaf=_is_passthrough_node
+  )
+  if is_leaf(spec):
+    return [spec] * len(paths_leaves)
+  try:
+    return treedef.flatten_up_to(spec)
+  except (ValueError, TypeError) as e:
+    spec_paths = {
+        jax.tree_util.keystr(p)
+        for p, _ in jax.tree_util.tree_flatten_with_path(spec, is_leaf=is_leaf)[0]
+    }
+    missing = [
+        (p, x) for p, x in paths_leaves if jax.tree_util.keystr(p) not in spec_paths
+    ]
+    where = _describe(*missing[0]) if missing else "the tree's structure"
+    raise ValueError(
+        f"optax_gc: the `{name}` tree does not match the structure of the "
+        f"updates: no entry for {where}. Give one entry per leaf of the "
+        f"updates (or a callable params -> such a tree). Details: {e}"
+    ) from None
+
+
+def _resolve(spec: Any, updates: Any, params: Any) -> Any:
+  """Calls a callable spec on the params (or the updates if none are given)."""
+  if callable(spec) and not isinstance(spec, jax.Array):
+    return spec(updates if params is None else params)
+  return spec
+
+
+def _normalize_axes(axis: Any, path: Any, leaf: jax.Array) -> tuple[int, ...]:
+  """Returns the output axes of ``leaf`` as sorted non-negative ints, or raises."""
+  axes = axis if isinstance(axis, tuple) else (axis,)
+  ndim = leaf.ndim
+  out = []
+  for a in axes:
+    if isinstance(a, bool) or not isinstance(a, (int, np.integer)):
+      raise ValueError(
+          f"optax_gc.centralize: output_axis entries must be ints, got {a!r} for "
+          f"{_describe(path, leaf)}."
+      )
+    if not -ndim <= a < ndim:
+      raise ValueError(
+          f"optax_gc.centralize: output_axis {axis!r} is out of range for "
+          f"{_describe(path, leaf)} (rank {ndim})."
+      )
+    out.append(int(a) % ndim)
+  if len(set(out)) != len(out):
+    raise ValueError(
+        f"optax_gc.centralize: output_axis {axis!r} names the same axis twice "
+        f"for {_describe(path, leaf)}."
+    )
+  return tuple(sorted(out))
+
+
+def _reduced_axes(
+    path: Any, leaf: Any, axis: Any, selected: Any, min_ndim: int
+) -> tuple[int, ...] | None:
+  """The fan-in axes GC averages ``leaf`` over, or ``None`` if it passes through.
+
+  Pass-through leaves: ``None``/``MaskedNode``, masked-out leaves, non-floating
+  dtypes, rank below ``min_ndim``, an ``output_axis`` of ``None``, zero-size
+  leaves, and leaves whose fan-in has a single element (GC would zero them).
+  """
+  if _is_passthrough_node(leaf) or axis is None or selected is False:
+    return None
+  if not jnp.issubdtype(leaf.dtype, jnp.floating) or leaf.ndim < min_ndim:
+    return None
+  keep = _normalize_axes(axis, path, leaf)
+  reduced = tuple(a for a in range(leaf.ndim) if a not in keep)
+  if leaf.size == 0 or int(np.prod([leaf.shape[a] for a in reduced])) == 1:
+    return None
+  return reduced
+
+
+def _mean(g: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """Mean over ``axes`` (kept as size-1 dims), accumulated in at least float32."""
+  acc = jnp.promote_types(g.dtype, jnp.float32)
+  return jnp.mean(g, axis=axes, keepdims=True, dtype=acc)
+
+
+def _centralize_leaf(g: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  acc = jnp.promote_types(g.dtype, jnp.float32)
+  return (g.astype(acc) - _mean(g, axes)).astype(g.dtype)
+
+
+def _traced_axis_leaf(
+    fn: Callable[[jax.Array, tuple[int, ...]], jax.Array],
+    g: jax.Array,
+    axis: jax.Array,
+    default: jax.Array,
+    path: Any,
+    min_ndim: int,
+) -> jax.Array:
+  """Applies ``fn`` with an integer-array output axis (``inject_hyperparams``).
+
+  ``optax.inject_hyperparams`` turns every int argument, ``output_axis``
+  included, into an array in the optimizer state, which is traced under
+  ``jit``. The axis still never changes, so one branch per candidate axis is
+  compiled and ``lax.switch`` runs the one the value names.
+  """
+  if np.ndim(axis) != 0 or not jnp.issubdtype(axis.dtype, jnp.integer):
+    raise ValueError(
+        f"optax_gc.centralize: an array output_axis must be an integer scalar, got "
+        f"shape {np.shape(axis)} dtype {axis.dtype} for {_describe(path, g)}."
+    )
+  if not isinstance(axis, jax.core.Tracer):
+    return _apply_leaf(fn, g, int(axis), True, default, path, min_ndim)
+  branches = [
+      (lambda x, a=a: _apply_leaf(fn, x, a, True, default, path, min_ndim))
+      for a in range(g.ndim)
+  ]
+  return jax.lax.switch(jnp.mod(axis, g.ndim), branches, g)
+
+
+def _apply_leaf(fn, g, axis, selected, default, path, min_ndim):
+  if (
+      isinstance(axis, (jax.Array, np.ndarray))
+      and not _is_passthrough_node(g)
+      and selected is not False
+      and jnp.issubdtype(g.dtype, jnp.floating)
+      and g.ndim >= min_ndim
+  ):
+    return _traced_axis_leaf(fn, g, axis, default, path, min_ndim)
+  axes = _reduced_axes(path, g, axis, selected, min_ndim)
+  if axes is None:
+    return default(g)
+  return fn(g, axes)
+
+
+def _map_leaves(
+    fn: Callable[[jax.Array, tuple[int, ...]], jax.Array],
+    default: Callable[[Any], Any],
+    updates: Any,
+    params: Any,
+    output_axis: OutputAxis,
+    min_ndim: int,
+    mask: Mask,
+) -> Any:
+  """Maps ``fn(g, reduced_axes)`` over the leaves GC acts on, ``default`` elsewhere."""
+  if isinstance(min_ndim, bool) or not isinstance(min_ndim, int) or min_ndim < 1:
+    raise ValueError(f"optax_gc: min_ndim must be an int >= 1, got {min_ndim!r}.")
+  axes = _broadcast_spec(
+      _resolve(output_axis, updates, params), updates, "output_axis", _is_axis_leaf
+  )
+  masks = (
+      [True] * len(axes)
+      if mask is None
+      else _broadcast_spec(
+          _resolve(mask, updates, params),
+          updates,
+          "mask",
+          lambda x: x is None or isinstance(x, (bool, np.bool_)),
+      )
+  )
+  paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(
+      updates, is_leaf=_is_passthrough_node
+  )
+  out = [
+      _apply_leaf(fn, g, a, m, default, path, min_ndim)
+      for (path, g), a, m in zip(paths_leaves, axes, masks, strict=True)
+  ]
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def centralize(
+    output_axis: OutputAxis = -1,
+    *,
+    min_ndim: int = 2,
+    mask: Mask = None,
+) -> optax.GradientTransformation:
+  r"""Gradient Centralization that knows which axis holds the output units.
+
+  For every selected leaf :math:`g`, GC subtracts the mean over the fan-in, that
+  is over every axis except the output axes :math:`O`, separately for each
+  output unit:
+
+  .. math::
+
+    \Phi(g) = g - \operatorname{mean}_{a \notin O}(g),
+
+  the projection of :math:`g` onto the hyperplane "zero mean over the fan-in"
+  (Yong et al. 2020, Eq. 4). :math:`\Phi` is linear, idempotent and never
+  increases the norm.
+
+  Unlike ``optax.centralize()``, which keeps axis 0 as PyTorch stores
+  ``(out, in, kh, kw)``, the default ``output_axis=-1`` keeps the *last* axis,
+  which is where Flax, Haiku and Keras store output units (``(in, out)`` and
+  ``(kh, kw, in, out)``):
+
+  ========================================  ====================
+  Layout                                    ``output_axis``
+  ========================================  ====================
+  Flax/Haiku/Keras Dense, Conv, Flax ConvT  ``-1``
+  Haiku ``ConvTranspose``                   ``-2``
+  Flax ``DenseGeneral`` ``(in, H, D)``      ``(1, 2)``
+  PyTorch-style, Equinox                    ``0``
+  ========================================  ====================
+
+  These leaves pass through bit for bit: rank below ``min_ndim`` (biases, norm
+  scales); non-floating dtypes; ``None`` and ``optax.MaskedNode``; zero-size
+  leaves; leaves whose fan-in has one element (GC would zero them, e.g. an
+  Equinox conv bias ``(C, 1, 1)`` with ``output_axis=0``); masked-out leaves
+  and leaves whose ``output_axis`` is ``None``. For ``bfloat16``/``float16``
+  the mean is accumulated in ``float32`` and the result has the input dtype.
+
+  Args:
+    output_axis: the axis, or tuple of axes, that indexes output units; the
+      mean is taken over all the others. Either one value for every leaf, a
+      pytree with the structure of the updates whose leaves are an int, a tuple
+      of ints or ``None`` (leave that leaf alone), or a callable
+      ``params -> such a pytree`` (called on the updates when ``update`` gets
+      no params). An integer array (as ``optax.inject_hyperparams`` passes it)
+      is accepted too.
+    min_ndim: leaves of lower rank pass through. ``2`` is the paper's GC
+      (dense and conv kernels); ``3`` is GCC (conv kernels only).
+    mask: a pytree of bools with the structure of the updates, or a callable
+      ``params -> such a pytree``, as in ``optax.masked``; ``False`` leaves pass
+      through.
+
+  Returns:
+    A :class:`optax.GradientTransformation` object. Its state is
+    ``optax.EmptyState()``. An ``output_axis`` out of range or repeated for a
+    leaf that would be centralized, or an ``output_axis``/``mask`` tree whose
+    structure does not match the updates, raises ``ValueError`` at trace time
+    naming the leaf's key path and shape.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax, optax_gc
+    >>> g = {'kernel': jnp.array([[1., 2.], [3., 6.]]), 'bias': jnp.array([1., 2.])}
+    >>> tx = optax_gc.centralize()  # Flax layout (in, out): mean over axis 0
+    >>> updates, state = tx.update(g, tx.init(g))
+    >>> print(updates['kernel'])
+    [[-1. -2.]
+     [ 1.  2.]]
+    >>> print(updates['bias'])  # rank 1: passes through
+    [1. 2.]
+    >>> print(state)
+    EmptyState()
+    >>> tx = optax.chain(optax_gc.centralize(), optax.sgd(0.1))
+
+  References:
+    Yong, Huang, Hua and Zhang, `Gradient Centralization: A New Optimization
+    Technique for Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_,
+    ECCV 2020.
+  """
+
+  def init_fn(params: optax.Params) -> optax.EmptyState:
+    # Check the specs against the parameters now, so mistakes surface at init.
+    _map_leaves(
+        lambda g, axes: g, lambda g: g, params, params, output_axis, min_ndim, mask
+    )
+    return optax.EmptyState()
+
+  def update_fn(
+      updates: optax.Updates, state: optax.EmptyState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, optax.EmptyState]:
+    updates = _map_leaves(
+        _centralize_leaf, lambda g: g, updates, params, output_axis, min_ndim, mask
+    )
+    return updates, state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def gc_removed_fraction(
+    grads: Any,
+    output_axis: OutputAxis = -1,
+    *,
+    min_ndim: int = 2,
+    mask: Mask = None,
+    params: Any = None,
+) -> Any:
+  r"""Per leaf, the share of the gradient's norm that GC removes.
+
+  For each leaf that :func:`centralize` would act on (same arguments, same
+  rules) this returns
+
+  .. math::
+
+    r = \frac{\lVert g - \Phi(g) \rVert}{\lVert g \rVert} \in [0, 1],
+
+  the norm of the per-unit mean component over the norm of the gradient
+  (``0`` when ``g`` is zero). Pass-through leaves give ``0``; ``None`` and
+  ``optax.MaskedNode`` stay as they are. Since :math:`\Phi` is an orthogonal
+  projection, the gradient left after GC has norm :math:`\sqrt{1 - r^2}\,
+  \lVert g \rVert`. Log it now and then in a training loop to see where GC
+  acts: ``r`` near 0 means GC changes little for that layer.
+
+  Args:
+    grads: a pytree of gradients.
+    output_axis: as in :func:`centralize`.
+    min_ndim: as in :func:`centralize`.
+    mask: as in :func:`centralize`.
+    params: passed to a callable ``output_axis`` or ``mask`` (the gradients
+      are used when it is ``None``).
+
+  Returns:
+    A pytree with the structure of ``grads`` of ``float32`` scalars. It is pure
+    and can be called inside ``jax.jit``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_gc
+    >>> g = {'kernel': jnp.array([[1., 1.], [1., -1.]]), 'bias': jnp.ones(2)}
+    >>> r = optax_gc.gc_removed_fraction(g)
+    >>> print(f"{float(r['kernel']):.4f} {float(r['bias']):.1f}")
+    0.7071 0.0
+
+  References:
+    Yong, Huang, Hua and Zhang, `Gradient Centralization: A New Optimization
+    Technique for Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_,
+    ECCV 2020.
+  """
+
+  def fraction(g: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    g32 = g.astype(jnp.promote_types(g.dtype, jnp.float32))
+    removed = jnp.broadcast_to(_mean(g, axes), g.shape)
+    num, den = jnp.linalg.norm(removed.ravel()), jnp.linalg.norm(g32.ravel())
+    safe = jnp.where(den > 0, den, 1.0)
+    return jnp.where(den > 0, num / safe, 0.0).astype(jnp.float32)
+
+  def zero(g: Any) -> Any:
+    return g if _is_passthrough_node(g) else jnp.zeros((), jnp.float32)
+
+  return _map_leaves(fraction, zero, grads, params, output_axis, min_ndim, mask)
+
