@@ -1,0 +1,396 @@
+"""Tests for optax_gc.centralize and optax_gc.gc_removed_fraction."""
+
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl.testing import absltest, parameterized
+
+import optax_gc
+
+
+def _apply(tx, updates, params=None):
+  new, state = tx.update(updates, tx.init(updates if params is None else params), params)
+  return new, state
+
+
+def _np_gc(g, keep):
+  """Reference GC in NumPy float64: mean over every axis not in ``keep``."""
+  g = np.asarray(g, np.float64)
+  keep = {a % g.ndim for a in keep}
+  axes = tuple(a for a in range(g.ndim) if a not in keep)
+  return g - g.mean(axis=axes, keepdims=True)
+
+
+def _random_shape(rng, ndim):
+  return tuple(int(s) for s in rng.integers(1, 6, size=ndim))
+
+
+class WorkedExampleTest(chex.TestCase):
+  """Hand-computed cases, as in Optax's own tests."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_dense_kernel_in_out(self):
+    # Flax Dense kernel (in=3, out=2): each column is one output unit.
+    g = jnp.array([[1.0, 10.0], [2.0, 20.0], [6.0, 0.0]])
+    out = self.variant(lambda g: _apply(optax_gc.centralize(), g)[0])(g)
+    # column means: 3 and 10.
+    expected = np.array([[-2.0, 0.0], [-1.0, 10.0], [3.0, -10.0]])
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_conv_kernel_keeps_last_axis(self):
+    # Flax Conv kernel (kh=1, kw=2, in=1, out=2). Filter 0 = [1, 3], filter 1 = [5, 5].
+    g = jnp.array([[[[1.0, 5.0]], [[3.0, 5.0]]]])
+    out = self.variant(lambda g: _apply(optax_gc.centralize(), g)[0])(g)
+    expected = np.array([[[[-1.0, 0.0]], [[1.0, 0.0]]]])
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6)
+    # optax.centralize() keeps axis 0 (kh, of size 1) and mixes the two filters.
+    wrong, _ = _apply(optax.centralize(), g)
+    np.testing.assert_allclose(wrong, g - g.mean(), atol=1e-6)
+    self.assertFalse(np.allclose(wrong, expected))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_one_dim_passes_through(self):
+    g = jnp.array([1.0, 2.0, 3.0])
+    out = self.variant(lambda g: _apply(optax_gc.centralize(), g)[0])(g)
+    np.testing.assert_array_equal(out, g)
+
+  def test_state_is_empty(self):
+    tx = optax_gc.centralize()
+    self.assertEqual(tx.init({"w": jnp.ones((2, 2))}), optax.EmptyState())
+
+
+class PropertiesTest(chex.TestCase):
+  """The properties of an orthogonal projection, on random shapes and axes."""
+
+  def _cases(self, seed):
+    rng = np.random.default_rng(seed)
+    ndim = int(rng.integers(2, 6))
+    shape = _random_shape(rng, ndim)
+    n_keep = int(rng.integers(1, ndim))
+    keep = tuple(int(a) for a in rng.choice(ndim, size=n_keep, replace=False))
+    g = rng.normal(size=shape).astype(np.float32) + rng.normal()
+    return g, keep if len(keep) > 1 else keep[0]
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(range(12))
+  def test_projection_properties(self, seed):
+    g, axis = self._cases(seed)
+    tx = optax_gc.centralize(axis)
+    gc = self.variant(lambda g: tx.update(g, optax.EmptyState())[0])
+    out = np.asarray(gc(jnp.asarray(g)), np.float64)
+    keep = axis if isinstance(axis, tuple) else (axis,)
+    reduced = tuple(a for a in range(g.ndim) if a not in {k % g.ndim for k in keep})
+    fan_in = int(np.prod([g.shape[a] for a in reduced]))
+    if fan_in == 1:  # GC would zero it: passes through.
+      np.testing.assert_array_equal(out, g)
+      return
+    # Equals the float64 reference.
+    np.testing.assert_allclose(out, _np_gc(g, keep), rtol=1e-5, atol=1e-5)
+    # Zero mean over the reduced axes, for every output unit.
+    np.testing.assert_allclose(out.mean(axis=reduced), 0.0, atol=1e-5)
+    # Idempotent.
+    np.testing.assert_allclose(gc(jnp.asarray(out, jnp.float32)), out, atol=1e-5)
+    # The norm never grows.
+    self.assertLessEqual(np.linalg.norm(out), np.linalg.norm(g) * (1 + 1e-6))
+    # GC(g) is orthogonal to what it removed.
+    removed = g - out
+    scale = np.linalg.norm(g) ** 2
+    self.assertLess(abs(np.vdot(out, removed)) / scale, 1e-5)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(0, 1, 2)
+  def test_linear(self, seed):
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=(2, 3, 3, 4, 5)).astype(np.float32)
+    tx = optax_gc.centralize()
+    gc = self.variant(lambda g: tx.update(g, optax.EmptyState())[0])
+    lhs = gc(jnp.asarray(2.0 * a - 3.0 * b))
+    rhs = 2.0 * gc(jnp.asarray(a)) - 3.0 * gc(jnp.asarray(b))
+    np.testing.assert_allclose(lhs, rhs, rtol=1e-5, atol=1e-5)
+
+  def test_vmap_equals_loop(self):
+    g = jax.random.normal(jax.random.key(0), (4, 3, 3, 2, 5))  # a batch of conv grads
+    tx = optax_gc.centralize()
+    fn = lambda x: tx.update(x, optax.EmptyState())[0]
+    np.testing.assert_allclose(
+        jax.vmap(fn)(g), jnp.stack([fn(x) for x in g]), rtol=1e-6, atol=1e-6
+    )
+
+
+class LayoutTest(chex.TestCase):
+  """The right axes for each framework's layout."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+      ("flax_dense", (7, 5), -1),
+      ("flax_conv1d", (3, 4, 6), -1),
+      ("flax_conv2d", (3, 3, 4, 6), -1),
+      ("flax_conv3d", (2, 3, 3, 4, 6), -1),
+      ("flax_conv_transpose", (3, 3, 4, 6), -1),
+      ("haiku_conv_transpose", (3, 3, 6, 4), -2),
+      ("flax_dense_general", (8, 2, 4), (1, 2)),
+      ("pytorch_conv2d", (6, 4, 3, 3), 0),
+      ("pytorch_linear", (5, 7), 0),
+  )
+  def test_layout(self, shape, axis):
+    g = jax.random.normal(jax.random.key(1), shape) + 0.5
+    out = self.variant(lambda g: _apply(optax_gc.centralize(axis), g)[0])(g)
+    keep = axis if isinstance(axis, tuple) else (axis,)
+    np.testing.assert_allclose(out, _np_gc(g, keep), rtol=1e-5, atol=1e-5)
+
+  def test_dense_general_equals_flattened_dense(self):
+    # A (features, heads, head_dim) kernel is a Dense (features, heads * head_dim).
+    g = jax.random.normal(jax.random.key(2), (8, 2, 4))
+    out, _ = _apply(optax_gc.centralize((1, 2)), g)
+    flat, _ = _apply(optax_gc.centralize(), g.reshape(8, 8))
+    np.testing.assert_allclose(out.reshape(8, 8), flat, rtol=1e-6, atol=1e-6)
+
+  @parameterized.parameters((7, 5), (3, 4, 6), (3, 3, 4, 6), (2, 3, 3, 4, 6))
+  def test_output_axis_zero_equals_optax_centralize(self, *shape):
+    g = jax.random.normal(jax.random.key(3), shape)
+    ours, _ = _apply(optax_gc.centralize(0), g)
+    theirs, _ = _apply(optax.centralize(), g)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+
+  @parameterized.parameters((7, 5), (3, 3, 4, 6))
+  def test_transposition_equivalence(self, *shape):
+    # Flax (..., in, out) with output_axis=-1 == PyTorch-style W.T with output_axis=0.
+    w = jax.random.normal(jax.random.key(4), shape)
+    flax_out, _ = _apply(optax_gc.centralize(-1), w)
+    torch_out, _ = _apply(optax_gc.centralize(0), w.T)
+    np.testing.assert_allclose(flax_out, torch_out.T, rtol=1e-6, atol=1e-6)
+
+  def test_real_flax_modules_store_outputs_last(self):
+    """The layout table, checked against the shapes Flax NNX really creates."""
+    from flax import nnx
+
+    rngs = nnx.Rngs(0)
+    cases = {
+        "Linear": (nnx.Linear(3, 5, rngs=rngs).kernel, -1, 5),
+        "Conv": (nnx.Conv(3, 5, (2, 2), rngs=rngs).kernel, -1, 5),
+        "Conv1D": (nnx.Conv(3, 5, (2,), rngs=rngs).kernel, -1, 5),
+        "ConvTranspose": (nnx.ConvTranspose(3, 5, (2, 2), rngs=rngs).kernel, -1, 5),
+        "LinearGeneral": (
+            nnx.LinearGeneral(3, (2, 4), axis=-1, rngs=rngs).kernel, (1, 2), (2, 4)
+        ),
+    }
+    for name, (kernel, axis, out_shape) in cases.items():
+      shape = kernel.shape
+      got = tuple(shape[a] for a in axis) if isinstance(axis, tuple) else shape[axis]
+      self.assertEqual(got, out_shape, msg=name)
+
+  def test_equinox_conv_bias_passes_through(self):
+    # Equinox stores a conv bias as (C, 1, 1): optax.centralize() zeroes it.
+    bias_grad = jnp.arange(1.0, 4.0).reshape(3, 1, 1)
+    ours, _ = _apply(optax_gc.centralize(0), bias_grad)
+    np.testing.assert_array_equal(ours, bias_grad)
+    theirs, _ = _apply(optax.centralize(), bias_grad)
+    np.testing.assert_array_equal(theirs, jnp.zeros_like(bias_grad))
+
+
+class PerLeafSpecTest(chex.TestCase):
+
+  def _tree(self):
+    k = jax.random.split(jax.random.key(5), 4)
+    return {
+        "dense": {"kernel": jax.random.normal(k[0], (6, 4)), "bias": jnp.ones(4)},
+        "attn": {"query": jax.random.normal(k[1], (4, 2, 3))},
+        "torch": {"weight": jax.random.normal(k[2], (5, 6))},
+    }
+
+  def _expected(self, tree):
+    return {
+        "dense": {"kernel": _np_gc(tree["dense"]["kernel"], (-1,)), "bias": tree["dense"]["bias"]},
+        "attn": {"query": _np_gc(tree["attn"]["query"], (1, 2))},
+        "torch": {"weight": _np_gc(tree["torch"]["weight"], (0,))},
+    }
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_pytree_output_axis(self):
+    tree = self._tree()
+    spec = {"dense": {"kernel": -1, "bias": None}, "attn": {"query": (1, 2)}, "torch": {"weight": 0}}
+    out = self.variant(lambda g: _apply(optax_gc.centralize(spec), g)[0])(tree)
+    chex.assert_trees_all_close(out, self._expected(tree), rtol=1e-5, atol=1e-5)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_callable_output_axis(self):
+    tree = self._tree()
+
+    def spec(params):
+      def one(path, p):
+        name = jax.tree_util.keystr(path)
+        return (1, 2) if "query" in name else 0 if "torch" in name else -1
+
+      return jax.tree_util.tree_map_with_path(one, params)
+
+    tx = optax_gc.centralize(spec)
+    out = self.variant(lambda g, p: tx.update(g, optax.EmptyState(), p)[0])(tree, tree)
+    chex.assert_trees_all_close(out, self._expected(tree), rtol=1e-5, atol=1e-5)
+    # Without params the callable sees the updates.
+    out = self.variant(lambda g: tx.update(g, optax.EmptyState())[0])(tree)
+    chex.assert_trees_all_close(out, self._expected(tree), rtol=1e-5, atol=1e-5)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_mask_tree_and_callable(self):
+    tree = {"a": jnp.arange(6.0).reshape(3, 2), "b": jnp.arange(6.0).reshape(3, 2)}
+    for mask in ({"a": True, "b": False}, lambda p: {"a": True, "b": False}):
+      tx = optax_gc.centralize(mask=mask)
+      out = self.variant(lambda g, tx=tx: _apply(tx, g)[0])(tree)
+      np.testing.assert_allclose(out["a"], _np_gc(tree["a"], (-1,)), atol=1e-6)
+      np.testing.assert_array_equal(out["b"], tree["b"])
+
+
+class PassThroughTest(chex.TestCase):
+  """Leaves that must come out bit for bit as they went in."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_pass_through_leaves(self):
+    tree = {
+        "bias": jnp.array([1.0, 2.0, 3.0]),
+        "scalar": jnp.array(4.0),
+        "int_kernel": jnp.arange(6, dtype=jnp.int32).reshape(2, 3),
+        "empty": jnp.zeros((0, 4)),
+        "empty_out": jnp.zeros((3, 0)),
+        "fan_in_one": jnp.array([[1.0, 2.0, 3.0]]),  # (in=1, out=3)
+        "axis_none": jnp.arange(6.0).reshape(2, 3),
+        "complex": jnp.ones((2, 2), jnp.complex64),
+    }
+    spec = {k: (None if k == "axis_none" else -1) for k in tree}
+    tx = optax_gc.centralize(spec)
+    out = self.variant(lambda g: _apply(tx, g)[0])(tree)
+    for k, v in tree.items():
+      self.assertEqual(out[k].dtype, v.dtype, msg=k)
+      np.testing.assert_array_equal(out[k], v, err_msg=k)
+      self.assertFalse(np.isnan(np.asarray(out[k], np.complex128)).any(), msg=k)
+
+  def test_min_ndim_gcc_leaves_dense_alone(self):
+    tree = {"dense": jnp.arange(6.0).reshape(3, 2), "conv": jnp.arange(24.0).reshape(2, 2, 3, 2)}
+    out, _ = _apply(optax_gc.centralize(min_ndim=3), tree)
+    np.testing.assert_array_equal(out["dense"], tree["dense"])
+    np.testing.assert_allclose(out["conv"], _np_gc(tree["conv"], (-1,)), atol=1e-6)
+
+  def test_none_and_masked_node(self):
+    tree = {"w": jnp.arange(6.0).reshape(3, 2), "frozen": None, "m": optax.MaskedNode()}
+    out, _ = _apply(optax_gc.centralize(), tree)
+    self.assertIsNone(out["frozen"])
+    self.assertIsInstance(out["m"], optax.MaskedNode)
+    np.testing.assert_allclose(out["w"], _np_gc(tree["w"], (-1,)), atol=1e-6)
+
+  def test_removed_fraction_keeps_none_and_masked_node(self):
+    tree = {"w": jnp.ones((3, 2)), "frozen": None, "m": optax.MaskedNode()}
+    r = optax_gc.gc_removed_fraction(tree)
+    self.assertIsNone(r["frozen"])
+    self.assertIsInstance(r["m"], optax.MaskedNode)
+
+
+class ErrorTest(chex.TestCase):
+  """Bad input raises a ValueError at trace time naming the leaf and its shape."""
+
+  def _assert_trace_error(self, tx, updates, pattern):
+    # jax.eval_shape only traces: the error must come from tracing, not from running.
+    with self.assertRaisesRegex(ValueError, pattern):
+      jax.eval_shape(lambda g: tx.update(g, optax.EmptyState())[0], updates)
+    with self.assertRaisesRegex(ValueError, pattern):
+      jax.jit(lambda g: tx.update(g, optax.EmptyState())[0])(updates)
+
+  def test_axis_out_of_range(self):
+    tree = {"layer": {"kernel": jnp.ones((3, 4))}}
+    self._assert_trace_error(
+        optax_gc.centralize(2), tree,
+        re.escape("output_axis 2 is out of range for leaf ['layer']['kernel'] with shape (3, 4)"),
+    )
+
+  def test_axis_out_of_range_not_raised_for_pass_through_leaf(self):
+    out, _ = _apply(optax_gc.centralize(3), {"bias": jnp.ones(4)})
+    np.testing.assert_array_equal(out["bias"], jnp.ones(4))
+
+  def test_duplicate_axis(self):
+    self._assert_trace_error(
+        optax_gc.centralize((1, -2)), {"q": jnp.ones((4, 2, 3))},
+        re.escape("names the same axis twice for leaf ['q'] with shape (4, 2, 3)"),
+    )
+
+  def test_non_int_axis(self):
+    self._assert_trace_error(
+        optax_gc.centralize({"w": 1.5}), {"w": jnp.ones((2, 2))},
+        re.escape("must be ints, got 1.5 for leaf ['w'] with shape (2, 2)"),
+    )
+
+  def test_spec_structure_mismatch(self):
+    tree = {"a": jnp.ones((2, 2)), "b": {"kernel": jnp.ones((3, 3))}}
+    self._assert_trace_error(
+        optax_gc.centralize({"a": -1, "b": {"weight": 0}}), tree,
+        re.escape("no entry for leaf ['b']['kernel'] with shape (3, 3)"),
+    )
+
+  def test_mask_structure_mismatch(self):
+    tree = {"a": jnp.ones((2, 2)), "b": jnp.ones((3, 3))}
+    self._assert_trace_error(
+        optax_gc.centralize(mask={"a": True}), tree,
+        re.escape("`mask` tree does not match the structure of the updates: no entry for "
+                  "leaf ['b'] with shape (3, 3)"),
+    )
+
+  def test_bad_min_ndim(self):
+    self._assert_trace_error(optax_gc.centralize(min_ndim=0), {"a": jnp.ones((2, 2))}, "min_ndim")
+
+  def test_init_checks_params(self):
+    with self.assertRaisesRegex(ValueError, re.escape("['w'] with shape (2, 3)")):
+      optax_gc.centralize(5).init({"w": jnp.ones((2, 3))})
+
+
+class PrecisionTest(chex.TestCase):
+
+  @parameterized.parameters(jnp.bfloat16, jnp.float16)
+  def test_low_precision_against_float32(self, dtype):
+    # A large fan-in with a big common offset: a mean accumulated in bf16/f16
+    # would be far off; ours is accumulated in float32.
+    rng = np.random.default_rng(0)
+    g32 = (3.0 + 0.5 * rng.normal(size=(4096, 8))).astype(np.float32)
+    g = jnp.asarray(g32, dtype)
+    out = jax.jit(lambda g: _apply(optax_gc.centralize(), g)[0])(g)
+    self.assertEqual(out.dtype, dtype)
+    ref = _np_gc(np.asarray(g, np.float64), (-1,))  # exact GC of the rounded input
+    err = np.abs(np.asarray(out, np.float64) - ref)
+    eps = float(jnp.finfo(dtype).eps)
+    # Error within one rounding of the input's scale (|g| <= ~6).
+    self.assertLess(err.max(), 6 * eps)
+    np.testing.assert_allclose(np.asarray(out, np.float64).mean(0), 0.0, atol=6 * eps)
+    # The naive mean in the low dtype is visibly worse: the test can tell them apart.
+    naive = g - jnp.mean(g, axis=0, keepdims=True, dtype=dtype)
+    naive_err = np.abs(np.asarray(naive, np.float64) - ref).max()
+    self.assertGreater(naive_err, err.max())
+
+
+class RemovedFractionTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_values(self):
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(5, 3)).astype(np.float32) + 2.0
+    tree = {"w": jnp.asarray(w), "b": jnp.ones(3), "zero": jnp.zeros((2, 2))}
+    r = self.variant(optax_gc.gc_removed_fraction)(tree)
+    removed = w - _np_gc(w, (-1,))
+    np.testing.assert_allclose(r["w"], np.linalg.norm(removed) / np.linalg.norm(w), rtol=1e-5)
+    self.assertEqual(float(r["b"]), 0.0)
+    self.assertEqual(float(r["zero"]), 0.0)  # no NaN for a zero gradient
+    for v in jax.tree.leaves(r):
+      self.assertEqual(v.dtype, jnp.float32)
+
+  def test_centered_gradient_has_zero_fraction(self):
+    g = jnp.asarray(_np_gc(np.arange(12.0).reshape(4, 3) ** 2, (-1,)), jnp.float32)
+    self.assertLess(float(optax_gc.gc_removed_fraction(g)), 1e-6)
+
+  def test_follows_output_axis(self):
+    g = jnp.array([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]])  # constant: all of it is mean
+    self.assertAlmostEqual(float(optax_gc.gc_removed_fraction(g)), 1.0, places=6)
+    self.assertAlmostEqual(float(optax_gc.gc_removed_fraction(g, min_ndim=3)), 0.0)
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,0 +1,28 @@
+"""Runs the docstring examples of every public module."""
+
+import doctest
+
+import pytest
+
+import optax_gc
+from optax_gc._src import alias, centralize
+
+_MODULES = [optax_gc, centralize, alias]
+
+
+@pytest.mark.parametrize("module", _MODULES, ids=lambda m: m.__name__)
+def test_docstring_examples(module):
+  result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+  assert result.attempted > 0, f"{module.__name__} has no examples"
+  assert result.failed == 0
+
+
+def test_public_api():
+  assert sorted(optax_gc.__all__) == [
+      "centralize", "gc_adam", "gc_adamw", "gc_removed_fraction", "gc_sgd",
+  ]
+  for name in optax_gc.__all__:
+    obj = getattr(optax_gc, name)
+    for section in ("Args:", "Returns:", "Examples:", "References:"):
+      assert section in obj.__doc__, (name, section)
+  assert optax_gc.__version__
