@@ -1,0 +1,288 @@
+"""What Gradient Centralization costs: inside a jitted optimizer step and a whole train step.
+
+Commands (each picks JAX's default backend, so the same line runs on CPU or GPU)::
+
+  python -m benchmarks.overhead                          # full run (CPU: ~6 min, GPU: ~2 min)
+  python -m benchmarks.overhead --quick                  # fewer rounds (CPU: ~2 min)
+  python -m benchmarks.overhead --json docs/bench/overhead_cpu.json
+
+Two parts, each timed in interleaved rounds (every variant once per round, in a fresh random
+order), reporting the median over rounds of the per-round ratio to the plain optimizer:
+
+1. **Optimizer step.** ``params, state = step(params, state, grads)`` jitted (params and state
+   donated) on the parameter trees of the example's ResNet-18 and ResNet-50 (Flax layout,
+   CIFAR-100 head), for SGD with momentum 0.9 and for Adam. Variants:
+
+   - ``plain``: ``optax.sgd`` / ``optax.adam``;
+   - ``optax_gc``: ``optax.chain(optax_gc.centralize(), plain)``;
+   - ``optax.centralize``: ``optax.chain(optax.centralize(), plain)``, the same amount of work
+     on the wrong axes for Flax (it keeps axis 0, PyTorch's output axis);
+   - ``floor``: one jitted read pass over every gradient (a sum per leaf), the least any GC
+     can cost since it must read every gradient once to form the means.
+
+   Targets: ``optax_gc`` step <= 1.05x plain, and its extra time <= 1.5x the floor.
+2. **Train step.** A whole jitted forward + backward + update of the example's ResNet-20 and
+   ResNet-18 at batch 128: ``plain`` SGD (momentum 0.9, weight decay 5e-4) against
+   ``optax_gc.gc_sgd`` with the same settings. Target <= 1.02x.
+"""
+
+import argparse
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import optax_gc
+from benchmarks import _bench
+
+__all__ = ["param_tree", "optimizer_step_bench", "train_step_bench", "main"]
+
+OPT_TARGET, FLOOR_TARGET, TRAIN_TARGET = 1.05, 1.5, 1.02
+
+
+def param_tree(model: str, num_classes: int = 100) -> dict[str, Any]:
+  """The example model's ``nnx.Param`` tree as a pure dict of float32 arrays (random values)."""
+  from examples.cifar import models  # the example's models, imported lazily
+
+  abstract = nnx.eval_shape(lambda: models.create_model(model, num_classes, 0))
+  shapes = nnx.state(abstract, nnx.Param).to_pure_dict()
+  leaves, treedef = jax.tree.flatten(shapes)
+  keys = jax.random.split(jax.random.key(0), len(leaves))
+  return jax.tree.unflatten(
+      treedef, [jax.random.normal(k, s.shape, jnp.float32) for k, s in zip(keys, leaves)]
+  )
+
+
+def _optimizers() -> dict[str, Callable[[], optax.GradientTransformation]]:
+  return {
+      "sgd_momentum": lambda: optax.sgd(0.1, momentum=0.9),
+      "adam": lambda: optax.adam(1e-3),
+  }
+
+
+def _step_runner(tx: optax.GradientTransformation, params: Any, grads: Any) -> Callable[[], Any]:
+  """A no-arg callable running one donated, jitted optimizer step on private copies."""
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(p, s, g):
+    updates, s = tx.update(g, s, p)
+    return optax.apply_updates(p, updates), s
+
+  p = jax.tree.map(jnp.copy, params)
+  box = [p, tx.init(p)]
+
+  def run():
+    box[0], box[1] = step(box[0], box[1], grads)
+    return box[0]
+
+  return run
+
+
+def _floor_runner(grads: Any) -> Callable[[], Any]:
+  read = jax.jit(lambda g: [jnp.sum(x) for x in jax.tree.leaves(g)])
+  return lambda: read(grads)
+
+
+def optimizer_step_bench(
+    models: list[str], *, rounds: int, iters: int, num_classes: int = 100
+) -> list[dict[str, Any]]:
+  """Part 1: one row per (model tree, optimizer)."""
+  rows = []
+  for model in models:
+    params = param_tree(model, num_classes)
+    grads = jax.tree.map(lambda x: 1e-3 * jnp.roll(x, 1), params)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    for opt_name, make in _optimizers().items():
+      runners = {
+          "plain": _step_runner(make(), params, grads),
+          "optax_gc": _step_runner(optax.chain(optax_gc.centralize(), make()), params, grads),
+          "optax.centralize": _step_runner(
+              optax.chain(optax.centralize(), make()), params, grads
+          ),
+          "floor": _floor_runner(grads),
+      }
+      for f in runners.values():  # compile and warm up
+        for _ in range(2):
+          jax.block_until_ready(f())
+      t = _bench.interleaved(runners, rounds=rounds, iters=iters)
+      plain = t["plain"]
+      row = {
+          "tree": model,
+          "n_params": int(n_params),
+          "optimizer": opt_name,
+          "plain_ms": 1e3 * float(np.median(plain)),
+          "floor_ms": 1e3 * float(np.median(t["floor"])),
+      }
+      for name in ("optax_gc", "optax.centralize"):
+        row[f"{name}_ratio"] = _bench.ratio_stats(t[name], plain)
+        extra = [a - b for a, b in zip(t[name], plain, strict=True)]
+        row[f"{name}_extra_over_floor"] = _bench.ratio_stats(extra, t["floor"])
+      row["times_s"] = t
+      rows.append(row)
+      print(
+          f"  {model}/{opt_name}: plain {row['plain_ms']:.2f} ms, "
+          f"optax_gc x{row['optax_gc_ratio']['median']:.3f}",
+          flush=True,
+      )
+  return rows
+
+
+def make_train_step(model_name: str, tx: optax.GradientTransformation, num_classes: int, seed=0):
+  """A bare jitted NNX train step (functional split/merge form, state donated).
+
+  Returns ``(step, state)`` with ``step(state, images, labels) -> (state, loss)``.
+  """
+  from examples.cifar import models
+
+  model = models.create_model(model_name, num_classes, seed)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  graphdef, state = nnx.split((model, optimizer))
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def step(state, images, labels):
+    model, optimizer = nnx.merge(graphdef, state)
+
+    def loss_fn(model):
+      logits = model(images, train=True)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return nnx.state((model, optimizer)), loss
+
+  return step, state
+
+
+def train_step_bench(
+    models: list[str], *, batch: int, rounds: int, iters: int
+) -> list[dict[str, Any]]:
+  """Part 2: whole train step, plain SGD vs ``gc_sgd`` (momentum 0.9, weight decay 5e-4)."""
+  lr, mom, wd = 0.1, 0.9, 5e-4
+  txs = {
+      "plain": lambda: optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=mom)),
+      "optax_gc": lambda: optax_gc.gc_sgd(lr, momentum=mom, weight_decay=wd),
+  }
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(batch, 32, 32, 3)).astype(np.float32))
+  labels = jnp.asarray(rng.integers(0, 10, size=(batch,)).astype(np.int32))
+  rows = []
+  for model in models:
+    runners = {}
+    for name, make in txs.items():
+      step, state = make_train_step(model, make(), 10)
+      box = [state]
+
+      def run(step=step, box=box):
+        box[0], loss = step(box[0], images, labels)
+        return loss
+
+      t0 = time.perf_counter()
+      jax.block_until_ready(run())
+      compile_s = time.perf_counter() - t0
+      jax.block_until_ready(run())
+      runners[name] = run
+    t = _bench.interleaved(runners, rounds=rounds, iters=iters)
+    row = {
+        "model": model,
+        "batch": batch,
+        "plain_ms": 1e3 * float(np.median(t["plain"])),
+        "optax_gc_ratio": _bench.ratio_stats(t["optax_gc"], t["plain"]),
+        "compile_s_last": compile_s,
+        "times_s": t,
+    }
+    rows.append(row)
+    print(
+        f"  {model} train step: plain {row['plain_ms']:.1f} ms, "
+        f"optax_gc x{row['optax_gc_ratio']['median']:.3f}",
+        flush=True,
+    )
+  return rows
+
+
+def _fmt(s: dict[str, float]) -> str:
+  return f"{s['median']:.3f} [{s['q1']:.3f}, {s['q3']:.3f}]"
+
+
+def report(opt_rows: list[dict[str, Any]], train_rows: list[dict[str, Any]]) -> None:
+  """Prints both tables (Markdown); ratios are medians [quartiles] over rounds."""
+  print("\nOptimizer step (ratio to plain; extra time / floor):")
+  _bench.print_table(
+      ["tree", "optimizer", "plain ms", "optax_gc x", "optax.centralize x", "floor ms",
+       "optax_gc extra/floor", "optax.centralize extra/floor", "targets"],
+      [
+          [
+              f"{r['tree']} ({r['n_params'] / 1e6:.1f}M)", r["optimizer"], f"{r['plain_ms']:.2f}",
+              _fmt(r["optax_gc_ratio"]), _fmt(r["optax.centralize_ratio"]),
+              f"{r['floor_ms']:.2f}", _fmt(r["optax_gc_extra_over_floor"]),
+              _fmt(r["optax.centralize_extra_over_floor"]),
+              "met" if r["optax_gc_ratio"]["median"] <= OPT_TARGET
+              and r["optax_gc_extra_over_floor"]["median"] <= FLOOR_TARGET else "MISSED",
+          ]
+          for r in opt_rows
+      ],
+  )
+  if train_rows:
+    print("\nWhole train step, SGD momentum 0.9 + weight decay 5e-4 (ratio gc_sgd / plain):")
+    _bench.print_table(
+        ["model", "batch", "plain ms", "optax_gc x", "target <= 1.02"],
+        [
+            [r["model"], r["batch"], f"{r['plain_ms']:.1f}", _fmt(r["optax_gc_ratio"]),
+             "met" if r["optax_gc_ratio"]["median"] <= TRAIN_TARGET else "MISSED"]
+            for r in train_rows
+        ],
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  p.add_argument("--quick", action="store_true", help="fewer rounds (a smoke-level figure)")
+  p.add_argument("--json", default=None, help="write the results to this JSON file")
+  p.add_argument("--trees", default="resnet18,resnet50", help="models for the optimizer step")
+  p.add_argument("--train-models", default="resnet20,resnet18",
+                 help="models for the whole train step ('' to skip)")
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--rounds", type=int, default=None)
+  p.add_argument("--iters", type=int, default=None)
+  p.add_argument("--train-rounds", type=int, default=None)
+  p.add_argument("--train-iters", type=int, default=None)
+  a = p.parse_args(argv)
+  gpu = jax.default_backend() != "cpu"
+  rounds = a.rounds or (5 if a.quick else 15)
+  iters = a.iters or (10 if gpu else (3 if a.quick else 5))
+  train_rounds = a.train_rounds or (4 if a.quick else (15 if gpu else 7))
+  train_iters = a.train_iters or (10 if gpu else (1 if a.quick else 2))
+
+  info = _bench.machine()
+  print(f"machine: {info}", flush=True)
+  t0 = time.perf_counter()
+  opt_rows = optimizer_step_bench(
+      [m for m in a.trees.split(",") if m], rounds=rounds, iters=iters
+  )
+  train_rows = train_step_bench(
+      [m for m in a.train_models.split(",") if m], batch=a.batch,
+      rounds=train_rounds, iters=train_iters,
+  )
+  report(opt_rows, train_rows)
+  info["wall_s"] = time.perf_counter() - t0
+  print(f"\nwall time {info['wall_s']:.0f} s")
+  payload = {
+      "machine": info,
+      "settings": {"rounds": rounds, "iters": iters, "train_rounds": train_rounds,
+                   "train_iters": train_iters, "batch": a.batch, "quick": a.quick},
+      "targets": {"optimizer_step": OPT_TARGET, "extra_over_floor": FLOOR_TARGET,
+                  "train_step": TRAIN_TARGET},
+      "optimizer_step": opt_rows,
+      "train_step": train_rows,
+  }
+  _bench.write_json(a.json, payload)
+  return payload
+
+
+if __name__ == "__main__":
+  main()
