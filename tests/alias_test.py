@@ -196,7 +196,9 @@ def _train(tx, steps=60):
   def step(params, state, t):
     grads = jax.tree.map(
         lambda p, k: 0.3 * p + jax.random.normal(k, p.shape),
-        params, dict(zip(params, jax.random.split(jax.random.fold_in(jax.random.key(0), t), 3))),
+        params,
+        dict(zip(params, jax.random.split(jax.random.fold_in(jax.random.key(0), t), 3),
+                 strict=True)),
     )
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state

@@ -116,7 +116,10 @@ class PropertiesTest(chex.TestCase):
   def test_vmap_equals_loop(self):
     g = jax.random.normal(jax.random.key(0), (4, 3, 3, 2, 5))  # a batch of conv grads
     tx = optax_gc.centralize()
-    fn = lambda x: tx.update(x, optax.EmptyState())[0]
+
+    def fn(x):
+      return tx.update(x, optax.EmptyState())[0]
+
     np.testing.assert_allclose(
         jax.vmap(fn)(g), jnp.stack([fn(x) for x in g]), rtol=1e-6, atol=1e-6
     )
@@ -205,7 +208,10 @@ class PerLeafSpecTest(chex.TestCase):
 
   def _expected(self, tree):
     return {
-        "dense": {"kernel": _np_gc(tree["dense"]["kernel"], (-1,)), "bias": tree["dense"]["bias"]},
+        "dense": {
+            "kernel": _np_gc(tree["dense"]["kernel"], (-1,)),
+            "bias": tree["dense"]["bias"],
+        },
         "attn": {"query": _np_gc(tree["attn"]["query"], (1, 2))},
         "torch": {"weight": _np_gc(tree["torch"]["weight"], (0,))},
     }
@@ -213,7 +219,11 @@ class PerLeafSpecTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_pytree_output_axis(self):
     tree = self._tree()
-    spec = {"dense": {"kernel": -1, "bias": None}, "attn": {"query": (1, 2)}, "torch": {"weight": 0}}
+    spec = {
+        "dense": {"kernel": -1, "bias": None},
+        "attn": {"query": (1, 2)},
+        "torch": {"weight": 0},
+    }
     out = self.variant(lambda g: _apply(optax_gc.centralize(spec), g)[0])(tree)
     chex.assert_trees_all_close(out, self._expected(tree), rtol=1e-5, atol=1e-5)
 
