@@ -38,7 +38,9 @@ def gc_sgd(
     s = \begin{cases} d + \mu b & \text{Nesterov} \\ b & \text{else.}\end{cases}
 
   The weight decay is coupled (added to the gradient before GC), as in
-  ``torch.optim.SGD``.
+  ``torch.optim.SGD``. The momentum buffer is kept even for ``momentum=0`` (it
+  then equals the current direction), so that ``momentum`` can be injected or
+  scheduled with ``optax.inject_hyperparams``.
 
   Args:
     learning_rate: a float or an ``optax.Schedule``.
