@@ -51,7 +51,7 @@ def param_tree(model: str, num_classes: int = 100) -> dict[str, Any]:
   from examples.cifar import models  # the example's models, imported lazily
 
   abstract = nnx.eval_shape(lambda: models.create_model(model, num_classes, 0))
-  shapes = nnx.state(abstract, nnx.Param).to_pure_dict()
+  shapes = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
   leaves, treedef = jax.tree.flatten(shapes)
   keys = jax.random.split(jax.random.key(0), len(leaves))
   return jax.tree.unflatten(
