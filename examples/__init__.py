@@ -1,0 +1,1 @@
+"""Runnable examples for optax-gc (``python -m examples.<name>.<script>``)."""

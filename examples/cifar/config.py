@@ -1,0 +1,208 @@
+"""The example's configuration: one frozen dataclass, and the command-line flags that override it.
+
+A run is fully described by a :class:`Config`. Named starting points live in ``configs/`` (one
+file each, opening with the command that runs it); flags given on the command line replace single
+fields. ``None`` for ``learning_rate`` / ``weight_decay`` means "the optimizer's default" and is
+filled in by :meth:`Config.resolved`.
+"""
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["Config", "OPTIMIZERS", "GC_MODES", "GC_LOCATIONS", "SCHEDULES", "AUGMENTATIONS",
+           "BOOKKEEPING_FIELDS", "add_flags", "config_from_flags"]
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+GC_MODES = ("none", "gc", "gcc")
+GC_LOCATIONS = ("gradient", "update")
+SCHEDULES = ("step", "cosine", "constant")
+AUGMENTATIONS = ("crop_flip", "crop", "none")
+_DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything that defines a run. Defaults: the GC paper's CIFAR recipe (ResNet-18, SGD)."""
+
+  # Data.
+  dataset: str = "cifar10"
+  """``cifar10``, ``cifar100`` or ``digits`` (offline, bundled with scikit-learn)."""
+  data_dir: str | None = None
+  """Folder with the data (npz pair, archive or its extracted folder); see ``input_pipeline``."""
+  train_subset: int | None = None
+  """Train on a stratified subset of this many images (fixed across seeds); ``None``: all."""
+  augment: str = "crop_flip"
+  """On-device augmentation: ``crop_flip`` (random crop, pad 4, and horizontal flip), ``crop`` or
+  ``none``. Digits use ``crop``: a mirrored digit is another shape."""
+
+  # Model.
+  model: str = "resnet18"
+  """A name in ``models.MODELS``."""
+
+  # Optimizer.
+  optimizer: str = "sgd"
+  """``sgd`` (PyTorch-style momentum, coupled decay), ``adam`` (coupled decay) or ``adamw``."""
+  gc: str = "gc"
+  """``none`` (plain Optax), ``gc`` (conv and dense kernels) or ``gcc`` (conv kernels only)."""
+  gc_location: str = "gradient"
+  """Centralize the ``gradient`` (the paper) or the final ``update`` (same as gradient for SGD)."""
+  learning_rate: float | None = None
+  """Peak learning rate; ``None``: 0.1 for SGD, 1e-3 for Adam/AdamW."""
+  weight_decay: float | None = None
+  """``None``: 5e-4 (the paper's CIFAR setting); coupled for SGD/Adam, decoupled for AdamW."""
+  momentum: float = 0.9
+  nesterov: bool = False
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  schedule: str = "step"
+  """``step`` (x ``step_factor`` at ``step_boundaries``), ``cosine`` or ``constant``."""
+  step_boundaries: tuple[float, ...] = (0.5, 0.75)
+  """Fractions of ``epochs`` at which the step schedule decays (200 epochs: 100 and 150)."""
+  step_factor: float = 0.1
+  warmup_epochs: float = 0.0
+  """Linear warm-up from 0 over this many epochs (useful for large multi-device batches)."""
+
+  # Training.
+  epochs: int = 200
+  batch_size: int = 128
+  """Global batch size, split over all devices (must be divisible by their number)."""
+  eval_batch_size: int = 1000
+  seed: int = 0
+  """Seeds initialization, shuffling and augmentation."""
+
+  # Bookkeeping (these may change between a run and its resumption).
+  checkpoints_to_keep: int = 3
+  log_every_steps: int = 20
+  """How often the progress bar fetches the loss (and checks it is finite)."""
+  gc_log_every_epochs: int = 10
+  """Log the per-layer share of the gradient that GC removes at epoch 1 and every N epochs."""
+  progress: bool = True
+  """Show tqdm progress bars."""
+  distributed: bool = False
+  """Call ``jax.distributed.initialize()`` first (multi-host runs)."""
+
+  def resolved(self) -> "Config":
+    """Returns a copy with optimizer defaults filled in, after checking every choice."""
+    _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+    _check_choice("gc", self.gc, GC_MODES)
+    _check_choice("gc_location", self.gc_location, GC_LOCATIONS)
+    _check_choice("schedule", self.schedule, SCHEDULES)
+    _check_choice("augment", self.augment, AUGMENTATIONS)
+    if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
+      raise ValueError("epochs, batch_size and eval_batch_size must be positive.")
+    return dataclasses.replace(
+        self,
+        learning_rate=(
+            _DEFAULT_LR[self.optimizer] if self.learning_rate is None else self.learning_rate
+        ),
+        weight_decay=5e-4 if self.weight_decay is None else self.weight_decay,
+        step_boundaries=tuple(self.step_boundaries),
+    )
+
+  def to_dict(self) -> dict[str, Any]:
+    """The config as a JSON-friendly dict."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "Config":
+    """Inverse of :meth:`to_dict` (unknown keys are an error)."""
+    d = dict(d)
+    if "step_boundaries" in d:
+      d["step_boundaries"] = tuple(d["step_boundaries"])
+    return cls(**d)
+
+
+# Fields that do not change the trajectory, so a run may resume with different values.
+BOOKKEEPING_FIELDS = frozenset(
+    {"data_dir", "checkpoints_to_keep", "log_every_steps", "gc_log_every_epochs", "progress",
+     "distributed", "eval_batch_size"}
+)
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}.")
+
+
+def _bool(text: str) -> bool:
+  if text.lower() in ("1", "true", "yes", "on"):
+    return True
+  if text.lower() in ("0", "false", "no", "off"):
+    return False
+  raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+  return tuple(float(x) for x in text.split(",") if x)
+
+
+# flag name -> (Config field, argparse keyword arguments). Defaults are None: "keep the config's".
+_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "--dataset": ("dataset", dict(choices=("cifar10", "cifar100", "digits"),
+                                  help="cifar10, cifar100, or digits (offline, no files)")),
+    "--data-dir": ("data_dir", dict(help="folder holding train.npz+test.npz, the official archive "
+                                         "or its extracted folder (default: $OPTAX_GC_DATA/"
+                                         "<dataset>, else ~/.cache/optax_gc/<dataset>; downloads "
+                                         "there if empty)")),
+    "--train-subset": ("train_subset", dict(type=int, metavar="N",
+                                            help="train on a stratified subset of N images")),
+    "--augment": ("augment", dict(choices=AUGMENTATIONS,
+                                  help="on-device augmentation: random crop (pad 4) and flip")),
+    "--model": ("model", dict(help="resnet20|32|56, resnet18|34|50, resnet8, tiny")),
+    "--optimizer": ("optimizer", dict(choices=OPTIMIZERS)),
+    "--gc": ("gc", dict(choices=GC_MODES,
+                        help="none: plain Optax; gc: conv+dense kernels; gcc: conv kernels only")),
+    "--gc-location": ("gc_location", dict(choices=GC_LOCATIONS,
+                                          help="centralize the gradient (paper) or the final "
+                                               "update (identical for SGD)")),
+    "--lr": ("learning_rate", dict(type=float, help="peak learning rate (default: 0.1 SGD, "
+                                                    "1e-3 Adam/AdamW)")),
+    "--weight-decay": ("weight_decay", dict(type=float, help="default 5e-4; coupled for SGD/Adam, "
+                                                             "decoupled for AdamW")),
+    "--momentum": ("momentum", dict(type=float)),
+    "--nesterov": ("nesterov", dict(type=_bool, metavar="BOOL")),
+    "--schedule": ("schedule", dict(choices=SCHEDULES)),
+    "--step-boundaries": ("step_boundaries", dict(type=_floats, metavar="F,F",
+                                                  help="fractions of the epochs where the step "
+                                                       "schedule decays")),
+    "--warmup-epochs": ("warmup_epochs", dict(type=float)),
+    "--epochs": ("epochs", dict(type=int)),
+    "--batch-size": ("batch_size", dict(type=int, help="global batch size (all devices)")),
+    "--eval-batch-size": ("eval_batch_size", dict(type=int)),
+    "--seed": ("seed", dict(type=int)),
+    "--checkpoints-to-keep": ("checkpoints_to_keep", dict(type=int)),
+    "--log-every-steps": ("log_every_steps", dict(type=int)),
+    "--gc-log-every-epochs": ("gc_log_every_epochs", dict(type=int)),
+    "--progress": ("progress", dict(type=_bool, metavar="BOOL", help="show progress bars")),
+}
+
+
+def add_flags(parser: argparse.ArgumentParser, *, skip: Sequence[str] = ()) -> None:
+  """Adds ``--config`` and one flag per :class:`Config` field (except those in ``skip``)."""
+  parser.add_argument("--config", default="default",
+                      help="starting config, a module in examples/cifar/configs "
+                           "(default, digits, cifar10_resnet20, cifar100)")
+  group = parser.add_argument_group("config overrides (default: the --config's value)")
+  for flag, (field, kwargs) in _FLAGS.items():
+    if field not in skip:
+      group.add_argument(flag, dest=field, default=None, **kwargs)
+  parser.add_argument("--distributed", action="store_true",
+                      help="call jax.distributed.initialize() first (multi-host runs)")
+
+
+def config_from_flags(args: argparse.Namespace) -> Config:
+  """The ``--config`` starting point with every flag the user gave applied, resolved."""
+  from examples.cifar import configs  # Late import: configs import this module.
+
+  config = configs.get_config(args.config)
+  overrides = {
+      field: getattr(args, field)
+      for field, _ in _FLAGS.values()
+      if getattr(args, field, None) is not None
+  }
+  if args.distributed:
+    overrides["distributed"] = True
+  return dataclasses.replace(config, **overrides).resolved()

@@ -1,0 +1,484 @@
+"""Trains a ResNet with optax_gc on CIFAR-10/100 or digits: data-parallel, resumable, logged.
+
+Run ``python -m examples.cifar.train --help`` (the README has the commands). From Python::
+
+    from examples.cifar.config import Config
+    from examples.cifar.train import train_and_evaluate
+    summary = train_and_evaluate(Config(dataset="digits", model="tiny", epochs=2), "/tmp/run")
+
+What lands in the workdir:
+
+* ``metrics.jsonl``: one JSON object per epoch (losses, accuracies, learning rate, speed);
+* ``gc_diagnostics.jsonl``: now and then, the share of each kernel's gradient that GC removes;
+* ``summary.json``: final and best test accuracy and the full config;
+* ``config.json`` and ``checkpoints/`` (orbax, one per epoch, the last few kept).
+
+Rerunning with the same workdir resumes after the last checkpoint and, on CPU, ends with exactly
+the metrics of an uninterrupted run: shuffling depends only on ``(seed, epoch)``, augmentation only
+on ``(seed, step)``, and the step counter is part of the checkpointed optimizer state.
+"""
+
+import argparse
+import collections
+import functools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+import optax_gc
+from examples.cifar import input_pipeline, models
+from examples.cifar.config import BOOKKEEPING_FIELDS, Config, add_flags, config_from_flags
+from examples.cifar.input_pipeline import Batch, DataError, Split
+
+__all__ = [
+    "TrainingDivergedError", "make_learning_rate", "make_optimizer", "make_mesh", "train_step",
+    "eval_step", "gc_removed_share", "train_epoch", "evaluate", "train_and_evaluate", "main",
+    "TRACE_COUNTS",
+]
+
+TRACE_COUNTS: collections.Counter[str] = collections.Counter()
+"""How many times each jitted step was traced (compiled); tests check it stays at one per run."""
+
+
+class TrainingDivergedError(RuntimeError):
+  """The loss became NaN or infinite; the last good checkpoint is left in place."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer.
+
+
+def make_learning_rate(config: Config, steps_per_epoch: int) -> optax.Schedule:
+  """The learning-rate schedule, in optimizer steps: step decay, cosine or constant, + warm-up."""
+  lr = config.learning_rate
+  total = config.epochs * steps_per_epoch
+  if config.schedule == "step":
+    boundaries = {round(b * config.epochs) * steps_per_epoch: config.step_factor
+                  for b in config.step_boundaries}
+    schedule = optax.piecewise_constant_schedule(lr, boundaries)
+  elif config.schedule == "cosine":
+    schedule = optax.cosine_decay_schedule(lr, total)
+  else:
+    schedule = optax.constant_schedule(lr)
+  warmup = round(config.warmup_epochs * steps_per_epoch)
+  if warmup == 0:
+    return schedule
+  return lambda step: jnp.where(step < warmup, lr * (step + 1) / warmup, schedule(step))
+
+
+def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
+  """The Optax chain for ``config``: an ``optax_gc`` alias, or the same chain without GC.
+
+  ``--gc none`` builds exactly the alias's chain minus the centralization step, so the arms
+  differ only by GC:
+
+  ========  ===================================================================================
+  sgd       add_decayed_weights -> [centralize] -> trace (PyTorch momentum) -> scale by lr
+  adam      add_decayed_weights -> [centralize] -> scale_by_adam -> scale by lr
+  adamw     [centralize] -> scale_by_adam -> add_decayed_weights (decoupled) -> scale by lr
+  ========  ===================================================================================
+
+  With ``gc_location="update"`` Adam/AdamW centralize the final update instead. For SGD both
+  locations give the same update (GC and momentum are linear), so SGD always uses ``gc_sgd``.
+  """
+  config = config.resolved()
+  lr = make_learning_rate(config, steps_per_epoch)
+  wd = config.weight_decay
+  if config.gc == "none":
+    if config.optimizer == "sgd":
+      return optax.chain(
+          optax.add_decayed_weights(wd),
+          optax.trace(decay=config.momentum, nesterov=config.nesterov),
+          optax.scale_by_learning_rate(lr),
+      )
+    if config.optimizer == "adam":
+      return optax.chain(
+          optax.add_decayed_weights(wd),
+          optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps),
+          optax.scale_by_learning_rate(lr),
+      )
+    return optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=wd)
+  gc_options = dict(conv_only=config.gc == "gcc")
+  if config.optimizer == "sgd":
+    return optax_gc.gc_sgd(lr, config.momentum, config.nesterov, wd, **gc_options)
+  gc_options["centralize_update"] = config.gc_location == "update"
+  alias = optax_gc.gc_adam if config.optimizer == "adam" else optax_gc.gc_adamw
+  return alias(lr, config.b1, config.b2, config.eps, wd, **gc_options)
+
+
+# ----------------------------------------------------------------------------------------------
+# Jitted steps. Images arrive as uint8 and are augmented and normalized on the device.
+
+
+def _loss_and_metrics(
+    logits: jax.Array, labels: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean cross-entropy over the real (mask 1) rows, plus sums for epoch averages."""
+  per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  count = jnp.sum(mask)
+  loss_sum = jnp.sum(per_example * mask)
+  correct = jnp.sum((jnp.argmax(logits, -1) == labels) * mask)
+  loss = loss_sum / jnp.maximum(count, 1.0)
+  return loss, {"loss": loss, "loss_sum": loss_sum, "correct": correct, "count": count}
+
+
+@functools.partial(nnx.jit, static_argnames=("augment",))
+def train_step(
+    model: models.ResNet,
+    optimizer: nnx.Optimizer,
+    batch: Batch,
+    rng: jax.Array,
+    mean_std: jax.Array,
+    augment: str = "crop_flip",
+) -> dict[str, jax.Array]:
+  """One SGD/Adam step on ``batch``; updates ``model`` and ``optimizer`` in place.
+
+  The augmentation key is ``fold_in(rng, optimizer.step)``, so a resumed run draws the same crops.
+  Returns the batch's ``loss`` and the sums ``loss_sum``, ``correct``, ``count``.
+  """
+  TRACE_COUNTS["train_step"] += 1
+  images = batch.images
+  if augment != "none":
+    key = jax.random.fold_in(rng, optimizer.step[...])
+    images = input_pipeline.augment(images, key, flip=augment == "crop_flip")
+  x = input_pipeline.normalize(images, mean_std)
+
+  def loss_fn(model: models.ResNet) -> tuple[jax.Array, dict[str, jax.Array]]:
+    return _loss_and_metrics(model(x, train=True), batch.labels, batch.mask)
+
+  grads, metrics = nnx.grad(loss_fn, has_aux=True)(model)
+  optimizer.update(model, grads)
+  return metrics
+
+
+@nnx.jit
+def eval_step(model: models.ResNet, batch: Batch, mean_std: jax.Array) -> dict[str, jax.Array]:
+  """Loss and accuracy sums on ``batch`` with BatchNorm's running averages."""
+  TRACE_COUNTS["eval_step"] += 1
+  logits = model(input_pipeline.normalize(batch.images, mean_std), train=False)
+  return _loss_and_metrics(logits, batch.labels, batch.mask)[1]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "min_ndim"))
+def _gc_fractions(graphdef: nnx.GraphDef, state: nnx.State, batch: Batch, mean_std: jax.Array,
+                  min_ndim: int) -> nnx.State:
+  model = nnx.merge(graphdef, state)  # A copy: BatchNorm updates here are thrown away.
+  x = input_pipeline.normalize(batch.images, mean_std)
+  grads = nnx.grad(lambda m: _loss_and_metrics(m(x, train=True), batch.labels, batch.mask)[0])(
+      model)
+  return optax_gc.gc_removed_fraction(grads, min_ndim=min_ndim)
+
+
+def gc_removed_share(
+    model: models.ResNet, batch: Batch, mean_std: jax.Array, min_ndim: int = 2
+) -> dict[str, float]:
+  """Per kernel, the share of the loss gradient's norm that GC removes (``optax_gc``'s diagnostic).
+
+  Computed on ``batch`` without changing the model; only leaves GC acts on (rank >= ``min_ndim``)
+  are listed, by path (e.g. ``stages/0/1/conv2/kernel``).
+  """
+  graphdef, state = nnx.split(model)
+  fractions = _gc_fractions(graphdef, state, batch, mean_std, min_ndim)
+  params = nnx.state(model, nnx.Param)
+  shares = {}
+  for (path, p), (_, r) in zip(jax.tree_util.tree_leaves_with_path(params),
+                               jax.tree_util.tree_leaves_with_path(fractions), strict=True):
+    if p.ndim >= min_ndim:
+      name = jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
+      shares[name] = float(r)
+  return shares
+
+
+def _summarize_shares(shares: dict[str, float]) -> str:
+  """``stem 0.21 | stage1 0.15 | ... | head 0.03``: mean share per part of the network."""
+  groups: dict[str, list[float]] = collections.defaultdict(list)
+  for name, share in shares.items():
+    parts = name.split("/")
+    key = f"stage{int(parts[1]) + 1}" if parts[0] == "stages" else parts[0].removesuffix("_conv")
+    groups[key].append(share)
+  order = sorted(groups, key=lambda k: (k != "stem", k == "head", k))  # stem, stages, head.
+  return " | ".join(f"{k} {np.mean(groups[k]):.3f}" for k in order)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+
+
+def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh, axis ``data``, over all devices (of all processes): pure data parallelism."""
+  return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
+
+
+def _replicate(mesh: Mesh, *nodes: nnx.Module | nnx.Optimizer) -> None:
+  """Places every array of ``nodes`` on all devices of ``mesh`` (parameters are replicated)."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  for node in nodes:
+    nnx.update(node, jax.device_put(nnx.state(node), replicated))
+
+
+def _sum_metrics(per_step: list[dict[str, jax.Array]]) -> dict[str, float]:
+  totals = jax.device_get(jax.tree.map(lambda *xs: jnp.sum(jnp.stack(xs)), *per_step))
+  return {"loss": float(totals["loss_sum"] / totals["count"]),
+          "accuracy": float(totals["correct"] / totals["count"])}
+
+
+def train_epoch(
+    model: models.ResNet, optimizer: nnx.Optimizer, mesh: Mesh, split: Split, config: Config,
+    epoch: int, rng: jax.Array, mean_std: jax.Array,
+) -> dict[str, float]:
+  """One pass over ``split`` (shuffled by ``(seed, epoch)``); returns mean loss and accuracy.
+
+  Raises:
+    TrainingDivergedError: the loss is not finite.
+  """
+  idx, mask = input_pipeline.train_batches(len(split), config.batch_size, config.seed, epoch)
+  step_fn = nnx.cached_partial(train_step, model, optimizer)  # Skips re-walking the graph.
+  per_step = []
+  show = config.progress and jax.process_index() == 0
+  with tqdm(total=len(idx), desc=f"epoch {epoch}/{config.epochs}", leave=False,
+            disable=not show, dynamic_ncols=True) as bar:
+    for s in range(len(idx)):
+      batch = input_pipeline.shard_batch(mesh, split, idx[s], mask[s])
+      per_step.append(step_fn(batch, rng, mean_std, augment=config.augment))
+      if (s + 1) % config.log_every_steps == 0 or s + 1 == len(idx):
+        loss = float(per_step[-1]["loss"])
+        if not math.isfinite(loss):
+          raise TrainingDivergedError(f"loss is {loss} at epoch {epoch}, step {s + 1}")
+        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{_sum_metrics(per_step)['accuracy']:.3f}",
+                        refresh=False)
+      bar.update()
+  totals = _sum_metrics(per_step)
+  if not math.isfinite(totals["loss"]):
+    raise TrainingDivergedError(f"mean loss is {totals['loss']} in epoch {epoch}")
+  return totals
+
+
+def evaluate(model: models.ResNet, mesh: Mesh, split: Split, batch_size: int,
+             mean_std: jax.Array) -> dict[str, float]:
+  """Mean loss and accuracy over all of ``split`` (the last batch is padded and masked)."""
+  idx, mask = input_pipeline.eval_batches(len(split), batch_size)
+  step_fn = nnx.cached_partial(eval_step, model)
+  return _sum_metrics([
+      step_fn(input_pipeline.shard_batch(mesh, split, i, m), mean_std)
+      for i, m in zip(idx, mask, strict=True)
+  ])
+
+
+def train_and_evaluate(config: Config, workdir: str | Path) -> dict[str, Any]:
+  """Trains and evaluates every epoch, resuming from ``workdir`` if it holds a checkpoint.
+
+  Args:
+    config: the run; see :class:`~examples.cifar.config.Config`.
+    workdir: where metrics, checkpoints and the summary go.
+
+  Returns:
+    The summary (also written to ``<workdir>/summary.json``): ``final_test_accuracy``,
+    ``best_test_accuracy``, ``best_epoch``, ``final_train_loss``, ..., and ``config``.
+
+  Raises:
+    TrainingDivergedError: the loss became NaN/Inf (the last good checkpoint stays).
+    DataError: the data is missing or unreadable.
+    ValueError: a bad config, or ``workdir`` holds a run with a different config.
+  """
+  config = config.resolved()
+  if config.distributed and not jax.distributed.is_initialized():
+    jax.distributed.initialize()
+  workdir = Path(workdir).absolute()
+  chief = jax.process_index() == 0
+  if chief:
+    _check_or_write_config(workdir, config)
+
+  data = input_pipeline.load_dataset(config.dataset, config.data_dir)
+  train_split = data.train
+  if config.train_subset is not None:
+    train_split = input_pipeline.stratified_subset(train_split, config.train_subset)
+  mean_std = jnp.asarray([data.mean, data.std], jnp.float32)
+
+  mesh = make_mesh()
+  if config.batch_size % mesh.size:
+    raise ValueError(f"batch size {config.batch_size} must be divisible by the {mesh.size} "
+                     "devices.")
+  eval_batch_size = -(-min(config.eval_batch_size, len(data.test)) // mesh.size) * mesh.size
+  steps_per_epoch = -(-len(train_split) // config.batch_size)
+
+  model = models.create_model(config.model, data.num_classes, config.seed)
+  tx = make_optimizer(config, steps_per_epoch)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  _replicate(mesh, model, optimizer)
+  schedule = make_learning_rate(config, steps_per_epoch)
+  rng = jax.random.fold_in(jax.random.key(config.seed), 1 << 30)  # Apart from init's keys.
+  rng, mean_std = jax.device_put((rng, mean_std), NamedSharding(mesh, PartitionSpec()))
+
+  checkpoints = ocp.CheckpointManager(
+      workdir / "checkpoints",
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=config.checkpoints_to_keep, create=True, enable_async_checkpointing=False),
+  )
+  start_epoch = checkpoints.latest_step() or 0
+  if start_epoch:
+    state = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
+    restored = checkpoints.restore(start_epoch, args=ocp.args.StandardRestore(state))
+    nnx.update(model, restored["model"])
+    nnx.update(optimizer, restored["optimizer"])
+  history = _load_history(workdir / "metrics.jsonl", upto=start_epoch, rewrite=chief)
+
+  log = tqdm.write if chief else (lambda _: None)
+  num_params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  log(f"{config.dataset} ({data.source}): {len(train_split)} train / {len(data.test)} test | "
+      f"{config.model} ({num_params / 1e6:.2f}M params) | {config.optimizer} gc={config.gc} "
+      f"({config.gc_location}) | {mesh.size} device(s), {jax.devices()[0].platform} | "
+      + (f"resuming after epoch {start_epoch}" if start_epoch else f"workdir {workdir}"))
+
+  for epoch in range(start_epoch + 1, config.epochs + 1):
+    start = time.perf_counter()
+    if epoch == 1 or epoch % max(config.gc_log_every_epochs, 1) == 0:
+      _log_gc_shares(model, mesh, train_split, config, epoch, mean_std, workdir, log, chief)
+    try:
+      train = train_epoch(model, optimizer, mesh, train_split, config, epoch, rng, mean_std)
+    except TrainingDivergedError as e:
+      last = checkpoints.latest_step()
+      where = f"epoch {last} in {workdir / 'checkpoints'}" if last else "none (no epoch finished)"
+      raise TrainingDivergedError(
+          f"training diverged: {e}. Last good checkpoint: {where}. Lower --lr (or add "
+          "--warmup-epochs) and use a new --workdir.") from None
+    train_seconds = time.perf_counter() - start
+    test = evaluate(model, mesh, data.test, eval_batch_size, mean_std)
+    record = {
+        "epoch": epoch,
+        "train_loss": train["loss"], "train_accuracy": train["accuracy"],
+        "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+        "learning_rate": float(schedule((epoch - 1) * steps_per_epoch)),
+        "images_per_sec": len(train_split) / train_seconds,
+        "seconds": time.perf_counter() - start,
+    }
+    history.append(record)
+    if chief:
+      with open(workdir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    checkpoints.save(
+        epoch, args=ocp.args.StandardSave({"model": nnx.state(model),
+                                            "optimizer": nnx.state(optimizer)}))
+    log(f"epoch {epoch:3d}/{config.epochs} | train loss {train['loss']:.4f} acc "
+        f"{train['accuracy']:.4f} | test loss {test['loss']:.4f} acc {test['accuracy']:.4f} | "
+        f"lr {record['learning_rate']:.4g} | {record['images_per_sec']:.0f} img/s | "
+        f"{record['seconds']:.1f} s")
+  checkpoints.close()
+
+  summary = _summary(history, config, num_params=num_params, num_devices=mesh.size,
+                     source=data.source, workdir=workdir)
+  if chief:
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  return summary
+
+
+def _log_gc_shares(model: models.ResNet, mesh: Mesh, split: Split, config: Config, epoch: int,
+                   mean_std: jax.Array, workdir: Path, log: Any, chief: bool) -> None:
+  """Logs, on the epoch's first batch, the per-kernel share of the gradient GC would remove."""
+  idx, mask = input_pipeline.train_batches(len(split), config.batch_size, config.seed, epoch)
+  batch = input_pipeline.shard_batch(mesh, split, idx[0], mask[0])
+  min_ndim = 3 if config.gc == "gcc" else 2
+  shares = gc_removed_share(model, batch, mean_std, min_ndim)
+  log(f"epoch {epoch:3d} GC share of gradient norm "
+      f"({'acting' if config.gc != 'none' else 'not applied'}): {_summarize_shares(shares)}")
+  if chief:
+    with open(workdir / "gc_diagnostics.jsonl", "a") as f:
+      f.write(json.dumps({"epoch": epoch, "min_ndim": min_ndim, "shares": shares}) + "\n")
+
+
+def _check_or_write_config(workdir: Path, config: Config) -> None:
+  """Writes ``config.json``, or checks that a resumed run has the same trajectory-defining config."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / "config.json"
+  new = config.to_dict()
+  if path.exists():
+    old = json.loads(path.read_text())
+    diffs = {k: (old.get(k), v) for k, v in new.items()
+             if k not in BOOKKEEPING_FIELDS and old.get(k) != v}
+    if diffs:
+      changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diffs.items())
+      raise ValueError(f"{workdir} holds a run with another config ({changes}); use a new "
+                       "--workdir, or the original flags to resume.")
+  path.write_text(json.dumps(new, indent=2) + "\n")
+
+
+def _load_history(path: Path, upto: int, rewrite: bool) -> list[dict[str, Any]]:
+  """The metrics of epochs ``1..upto``; later lines (written after the last checkpoint) go."""
+  history = []
+  if path.exists():
+    for line in path.read_text().splitlines():
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:  # A line cut short by a kill.
+        continue
+      if record.get("epoch", upto + 1) <= upto:
+        history.append(record)
+  if rewrite:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+    tmp.replace(path)
+  return history
+
+
+def _summary(history: list[dict[str, Any]], config: Config, **extra: Any) -> dict[str, Any]:
+  best = max(history, key=lambda r: r["test_accuracy"])
+  final = history[-1]
+  return {
+      "final_test_accuracy": final["test_accuracy"],
+      "best_test_accuracy": best["test_accuracy"],
+      "best_epoch": best["epoch"],
+      "final_test_loss": final["test_loss"],
+      "final_train_loss": final["train_loss"],
+      "final_train_accuracy": final["train_accuracy"],
+      "epochs": final["epoch"],
+      "total_seconds": sum(r["seconds"] for r in history),
+      **{k: str(v) if isinstance(v, Path) else v for k, v in extra.items()},
+      "config": config.to_dict(),
+  }
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+
+
+def default_workdir(config: Config) -> Path:
+  """``workdirs/cifar/<dataset>_<model>_<optimizer>_<gc>[_update]_seed<seed>`` under the cwd."""
+  location = "_update" if config.gc_location == "update" and config.gc != "none" else ""
+  return Path("workdirs", "cifar", f"{config.dataset}_{config.model}_{config.optimizer}_"
+                                   f"{config.gc}{location}_seed{config.seed}")
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Parses flags, trains, prints the summary; returns the exit status."""
+  parser = argparse.ArgumentParser(
+      prog="python -m examples.cifar.train",
+      description="Train a ResNet with Gradient Centralization (optax_gc) on CIFAR-10/100 or "
+                  "the offline digits set. Rerun with the same --workdir to resume.")
+  add_flags(parser)
+  parser.add_argument("--workdir", help="output folder (default: workdirs/cifar/<dataset>_"
+                                        "<model>_<optimizer>_<gc>_seed<seed>)")
+  args = parser.parse_args(argv)
+  try:
+    config = config_from_flags(args)
+    summary = train_and_evaluate(config, args.workdir or default_workdir(config))
+  except (DataError, TrainingDivergedError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
