@@ -90,7 +90,8 @@ def _floor_runner(grads: Any) -> Callable[[], Any]:
 
 
 def optimizer_step_bench(
-    models: list[str], *, rounds: int, iters: int, num_classes: int = 100
+    models: list[str], *, rounds: int, iters: int, num_classes: int = 100,
+    optimizers: list[str] | None = None,
 ) -> list[dict[str, Any]]:
   """Part 1: one row per (model tree, optimizer)."""
   rows = []
@@ -99,6 +100,8 @@ def optimizer_step_bench(
     grads = jax.tree.map(lambda x: 1e-3 * jnp.roll(x, 1), params)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     for opt_name, make in _optimizers().items():
+      if optimizers is not None and opt_name not in optimizers:
+        continue
       runners = {
           "plain": _step_runner(make(), params, grads),
           "optax_gc": _step_runner(optax.chain(optax_gc.centralize(), make()), params, grads),
@@ -244,6 +247,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--quick", action="store_true", help="fewer rounds (a smoke-level figure)")
   p.add_argument("--json", default=None, help="write the results to this JSON file")
   p.add_argument("--trees", default="resnet18,resnet50", help="models for the optimizer step")
+  p.add_argument("--optimizers", default="sgd_momentum,adam",
+                 help="optimizers for the optimizer step: sgd_momentum, adam")
   p.add_argument("--train-models", default="resnet20,resnet18",
                  help="models for the whole train step ('' to skip)")
   p.add_argument("--batch", type=int, default=128)
@@ -262,7 +267,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   print(f"machine: {info}", flush=True)
   t0 = time.perf_counter()
   opt_rows = optimizer_step_bench(
-      [m for m in a.trees.split(",") if m], rounds=rounds, iters=iters
+      [m for m in a.trees.split(",") if m], rounds=rounds, iters=iters,
+      optimizers=a.optimizers.split(","),
   )
   train_rows = train_step_bench(
       [m for m in a.train_models.split(",") if m], batch=a.batch,

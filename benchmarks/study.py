@@ -264,8 +264,9 @@ def plot_curves(runs: dict[str, dict[int, dict[str, Any]]], path: Path) -> None:
     axes[0, col].set_ylabel("training loss")
     axes[1, col].set_ylabel("test accuracy (%)")
     axes[1, col].set_xlabel("epoch")
-    axes[0, col].legend(fontsize=8)
-    axes[1, col].legend(fontsize=8)
+    for ax in axes[:, col]:
+      if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
   fig.suptitle("CIFAR-10 (JPEG-decoded copy): mean over seeds, band = min-max", fontsize=11)
   fig.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)
