@@ -136,6 +136,50 @@ def optimizer_step_bench(
   return rows
 
 
+def hlo_passes(tx: optax.GradientTransformation, params: Any, grads: Any) -> dict[str, int]:
+  """Counts, in the compiled optimizer step, the kernels launched and the reductions among them.
+
+  Each top-level fusion is one pass over its operands. GC should add exactly one reduction per
+  centralized leaf (the per-unit means, a read of the gradient) and fold the subtraction into
+  the optimizer's existing elementwise fusion: no other new pass.
+  """
+
+  def step(p, s, g):
+    updates, s = tx.update(g, s, p)
+    return optax.apply_updates(p, updates), s
+
+  text = jax.jit(step).lower(params, tx.init(params), grads).compile().as_text()
+  entry = text[text.index("\nENTRY"):]
+  calls = [line for line in entry.splitlines() if " fusion(" in line]
+  reduce_bodies = set()
+  for block in text.split("\n\n"):
+    head = block.strip().split(" ", 1)[0]
+    if head.startswith("%") and " reduce(" in block:
+      reduce_bodies.add(head)
+  n_reduce = sum(any(f"calls={b}," in c or c.endswith(f"calls={b}") for b in reduce_bodies)
+                 for c in calls)
+  return {"fusions": len(calls), "reduce_fusions": n_reduce}
+
+
+def hlo_report(models: list[str]) -> list[dict[str, Any]]:
+  """Pass counts of the compiled optimizer step, per tree, optimizer and variant."""
+  rows = []
+  for model in models:
+    params = param_tree(model)
+    n_kernels = sum(x.ndim >= 2 for x in jax.tree.leaves(params))
+    for opt_name, make in _optimizers().items():
+      for variant, tx in (("plain", make()),
+                          ("optax_gc", optax.chain(optax_gc.centralize(), make())),
+                          ("optax.centralize", optax.chain(optax.centralize(), make()))):
+        rows.append({"tree": model, "optimizer": opt_name, "variant": variant,
+                     "kernels": n_kernels, **hlo_passes(tx, params, params)})
+  _bench.print_table(
+      ["tree", "optimizer", "variant", "kernel leaves", "fusions (passes)", "reduce fusions"],
+      [[r["tree"], r["optimizer"], r["variant"], r["kernels"], r["fusions"], r["reduce_fusions"]]
+       for r in rows])
+  return rows
+
+
 def make_train_step(model_name: str, tx: optax.GradientTransformation, num_classes: int, seed=0):
   """A bare jitted NNX train step (functional split/merge form, state donated).
 
@@ -252,6 +296,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--train-models", default="resnet20,resnet18",
                  help="models for the whole train step ('' to skip)")
   p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--hlo", action="store_true",
+                 help="only count the compiled optimizer step's passes (no timing)")
   p.add_argument("--rounds", type=int, default=None)
   p.add_argument("--iters", type=int, default=None)
   p.add_argument("--train-rounds", type=int, default=None)
@@ -265,6 +311,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
   info = _bench.machine()
   print(f"machine: {info}", flush=True)
+  if a.hlo:
+    rows = hlo_report([m for m in a.trees.split(",") if m])
+    payload = {"machine": info, "hlo": rows}
+    _bench.write_json(a.json, payload)
+    return payload
   t0 = time.perf_counter()
   opt_rows = optimizer_step_bench(
       [m for m in a.trees.split(",") if m], rounds=rounds, iters=iters,

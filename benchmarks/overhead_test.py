@@ -20,3 +20,21 @@ def test_overhead_quick_tiny(tmp_path, fast_compile):
     assert row["optax_gc_ratio"]["median"] > 0 and row["optax.centralize_ratio"]["median"] > 0
   assert saved["train_step"][0]["model"] == "tiny"
   assert saved["train_step"][0]["optax_gc_ratio"]["n_rounds"] == 2
+
+
+def test_gc_adds_one_reduction_per_kernel_and_no_other_pass():
+  # The compiled step of optax_gc + SGD-momentum: one extra reduce fusion per kernel leaf (the
+  # means), the subtraction fused into the momentum update, no other new kernel.
+  import jax
+  import optax
+
+  import optax_gc
+
+  params = overhead.param_tree("tiny", 10)
+  kernels = sum(x.ndim >= 2 for x in jax.tree.leaves(params))
+  plain = overhead.hlo_passes(optax.sgd(0.1, momentum=0.9), params, params)
+  gc = overhead.hlo_passes(
+      optax.chain(optax_gc.centralize(), optax.sgd(0.1, momentum=0.9)), params, params)
+  assert plain["reduce_fusions"] == 0
+  assert gc["reduce_fusions"] == kernels
+  assert gc["fusions"] == plain["fusions"] + kernels
