@@ -1,0 +1,220 @@
+"""Tests for training: a tiny run, compile-once, exact resume after kill -9, NaN stop, 8 devices."""
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_gc
+from examples.cifar import compare, linen, train
+from examples.cifar.config import Config
+from examples.cifar.conftest import REPO_ROOT
+
+# A small, fast run: 256 stratified digits, 8 steps per epoch, the tiny ResNet.
+SMALL = Config(dataset="digits", model="tiny", train_subset=256, batch_size=32, epochs=3,
+               augment="crop_flip", schedule="cosine", progress=False)
+TIMING_KEYS = {"seconds", "images_per_sec"}
+
+
+def _python(script: str, *args: str, env: dict[str, str] | None = None,
+            timeout: int = 240) -> subprocess.CompletedProcess:
+  """Runs ``script`` in a fresh interpreter at the repository root (fast compiles, as here)."""
+  preamble = "import jax; jax.config.update('jax_disable_most_optimizations', True)\n"
+  return subprocess.run(
+      [sys.executable, "-c", preamble + script, *args], cwd=REPO_ROOT, capture_output=True,
+      text=True, timeout=timeout,
+      env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})},
+  )
+
+
+def _metrics(workdir: Path) -> list[dict]:
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _without_timing(records: list[dict]) -> list[dict]:
+  return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def test_help_documents_the_command_line_contract(capsys) -> None:
+  with pytest.raises(SystemExit):
+    train.main(["--help"])
+  text = capsys.readouterr().out
+  for flag in ("--dataset", "--data-dir", "--model", "--optimizer", "--gc", "--gc-location",
+               "--epochs", "--batch-size", "--lr", "--weight-decay", "--seed", "--train-subset",
+               "--workdir", "--distributed"):
+    assert flag in text
+
+
+def test_digits_training_learns_compiles_once_and_writes_outputs(tmp_path: Path) -> None:
+  before = dict(train.TRACE_COUNTS)
+  status = train.main(["--config", "digits", "--epochs", "3", "--progress", "false",
+                       "--gc-log-every-epochs", "2", "--workdir", str(tmp_path)])
+  assert status == 0
+  # 1437 images in batches of 32: the last batch is partial, and still nothing recompiles.
+  assert train.TRACE_COUNTS["train_step"] - before.get("train_step", 0) == 1
+  assert train.TRACE_COUNTS["eval_step"] - before.get("eval_step", 0) == 1
+
+  records = _metrics(tmp_path)
+  assert [r["epoch"] for r in records] == [1, 2, 3]
+  for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "learning_rate",
+              "images_per_sec", "seconds"):
+    assert all(math.isfinite(r[key]) for r in records), key
+  assert records[-1]["train_loss"] < records[0]["train_loss"]
+  assert records[-1]["test_accuracy"] > 0.6  # Chance is 0.1.
+
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["final_test_accuracy"] == records[-1]["test_accuracy"]
+  assert summary["best_test_accuracy"] == max(r["test_accuracy"] for r in records)
+  assert summary["config"]["model"] == "resnet8" and summary["config"]["learning_rate"] == 0.1
+
+  lines = (tmp_path / "gc_diagnostics.jsonl").read_text().splitlines()
+  diagnostics = [json.loads(line) for line in lines]
+  assert [d["epoch"] for d in diagnostics] == [1, 2]
+  shares = diagnostics[0]["shares"]
+  assert "stem_conv/kernel" in shares and "head/kernel" in shares
+  assert all(0.0 <= v <= 1.0 for v in shares.values())
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2", "3"]
+
+
+@pytest.mark.parametrize("optimizer, location", [
+    ("sgd", "gradient"), ("sgd", "update"), ("adam", "update"), ("adamw", "update")])
+def test_none_arm_is_the_gc_chain_minus_centralization(optimizer: str, location: str) -> None:
+  """With GC on the update (and for SGD anyway, by linearity), GC's update = Phi(none's update)."""
+  params = {"w": jnp.arange(12.0).reshape(3, 4) / 10, "b": jnp.ones(4)}
+  base = Config(optimizer=optimizer, gc_location=location, epochs=10, weight_decay=1e-2)
+  txs = {gc: train.make_optimizer(dataclasses.replace(base, gc=gc), 5)
+         for gc in ("none", "gc", "gcc")}
+  states = {gc: tx.init(params) for gc, tx in txs.items()}
+  centralize = optax_gc.centralize()
+  for step in range(3):
+    grads = jax.tree.map(lambda p, s=step: jnp.sin(p * (s + 3)) + 0.5, params)
+    updates = {}
+    for gc, tx in txs.items():
+      updates[gc], states[gc] = tx.update(grads, states[gc], params)
+    expected, _ = centralize.update(updates["none"], centralize.init(params))
+    np.testing.assert_allclose(updates["gc"]["w"], expected["w"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(updates["gc"]["b"], updates["none"]["b"])  # 1-D: untouched.
+    np.testing.assert_array_equal(updates["gcc"]["w"], updates["none"]["w"])  # GCC: convs only.
+    assert not np.allclose(updates["gc"]["w"], updates["none"]["w"])
+    params = optax.apply_updates(params, updates["none"])
+
+
+def test_learning_rate_schedules() -> None:
+  step = train.make_learning_rate(Config(epochs=200).resolved(), steps_per_epoch=10)
+  assert [float(step(s)) for s in (0, 999, 1000, 1499, 1500)] == pytest.approx(
+      [0.1, 0.1, 0.01, 0.01, 0.001])
+  warm = train.make_learning_rate(
+      Config(epochs=10, schedule="cosine", warmup_epochs=1).resolved(), steps_per_epoch=4)
+  assert [float(warm(s)) for s in (0, 3)] == pytest.approx([0.025, 0.1])
+  assert float(warm(39)) < 0.01
+
+
+def test_resume_after_kill_9_gives_identical_metrics(tmp_path: Path) -> None:
+  reference = tmp_path / "uninterrupted"
+  train.train_and_evaluate(SMALL, reference)
+
+  interrupted = tmp_path / "interrupted"
+  # shard_batch runs once for the GC log, 8 times per epoch for training, once for evaluation:
+  # call 14 is in the middle of epoch 2, after epoch 1's checkpoint.
+  script = (
+      "import json, os, signal, sys\n"
+      "from examples.cifar import input_pipeline, train\n"
+      "from examples.cifar.config import Config\n"
+      "real, calls = input_pipeline.shard_batch, [0]\n"
+      "def shard_then_maybe_die(*args, **kwargs):\n"
+      "  calls[0] += 1\n"
+      "  if calls[0] == 14:\n"
+      "    os.kill(os.getpid(), signal.SIGKILL)\n"
+      "  return real(*args, **kwargs)\n"
+      "input_pipeline.shard_batch = shard_then_maybe_die\n"
+      "train.train_and_evaluate(Config.from_dict(json.loads(sys.argv[1])), sys.argv[2])\n"
+  )
+  killed = _python(script, json.dumps(SMALL.to_dict()), str(interrupted))
+  assert killed.returncode == -9, killed.stderr[-2000:]
+  assert [r["epoch"] for r in _metrics(interrupted)] == [1]
+
+  summary = train.train_and_evaluate(SMALL, interrupted)  # The same command again: resumes.
+  assert _without_timing(_metrics(interrupted)) == _without_timing(_metrics(reference))
+  assert summary["final_test_accuracy"] == _metrics(reference)[-1]["test_accuracy"]
+
+  # Resuming a finished run trains nothing; resuming with another recipe is refused.
+  assert train.train_and_evaluate(SMALL, interrupted)["epochs"] == 3
+  with pytest.raises(ValueError, match="learning_rate"):
+    train.train_and_evaluate(dataclasses.replace(SMALL, learning_rate=0.5), interrupted)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(
+    tmp_path: Path) -> None:
+  # The step schedule multiplies the learning rate by 1e38 after epoch 1: the loss blows up.
+  config = dataclasses.replace(SMALL, epochs=2, schedule="step", step_boundaries=(0.5,),
+                               step_factor=1e38)
+  with pytest.raises(train.TrainingDivergedError, match="Last good checkpoint: epoch 1"):
+    train.train_and_evaluate(config, tmp_path)
+  assert [r["epoch"] for r in _metrics(tmp_path)] == [1]
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
+
+
+def test_eight_devices_match_one_device(tmp_path: Path) -> None:
+  config = dataclasses.replace(SMALL, epochs=1)
+  one = train.train_and_evaluate(config, tmp_path / "one")
+  script = (
+      "import json, sys\n"
+      "import jax\n"
+      "from examples.cifar import input_pipeline, train\n"
+      "from examples.cifar.config import Config\n"
+      "assert jax.device_count() == 8, jax.devices()\n"
+      "split = input_pipeline.load_dataset('digits').train\n"
+      "idx, mask = input_pipeline.train_batches(len(split), 32, 0, 1)\n"
+      "batch = input_pipeline.shard_batch(train.make_mesh(), split, idx[0], mask[0])\n"
+      "summary = train.train_and_evaluate(Config.from_dict(json.loads(sys.argv[1])), sys.argv[2])\n"
+      "print(json.dumps({'batch_devices': len(batch.images.sharding.device_set),\n"
+      "                  'shard_rows': batch.images.addressable_shards[0].data.shape[0],\n"
+      "                  'num_devices': summary['num_devices']}))\n"
+  )
+  result = _python(script, json.dumps(config.to_dict()), str(tmp_path / "eight"),
+                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report == {"batch_devices": 8, "shard_rows": 4, "num_devices": 8}
+  eight = _metrics(tmp_path / "eight")[0]
+  for key in ("train_loss", "test_loss", "train_accuracy", "test_accuracy"):
+    assert eight[key] == pytest.approx(_metrics(tmp_path / "one")[0][key], rel=1e-4, abs=1e-4)
+  assert one["num_devices"] == 1
+
+
+def test_short_run_on_a_stratified_cifar10_subset(tmp_path: Path, shared_cifar10: Path) -> None:
+  config = dataclasses.replace(SMALL, dataset="cifar10", data_dir=str(shared_cifar10),
+                               model="resnet8", train_subset=1000, batch_size=50, epochs=1,
+                               augment="none")
+  summary = train.train_and_evaluate(config, tmp_path)
+  records = _metrics(tmp_path)
+  assert len(records) == 1 and summary["source"].endswith("*.npz")
+  assert records[0]["train_loss"] < math.log(10)
+  assert summary["final_test_accuracy"] > 0.2  # Chance is 0.1; all 10,000 test images.
+
+
+def test_compare_writes_plot_and_table(tmp_path: Path) -> None:
+  status = compare.main(["--config", "digits", "--model", "tiny", "--epochs", "1",
+                         "--train-subset", "64", "--arms", "none,gc:update", "--seeds", "0",
+                         "--workdir", str(tmp_path)])
+  assert status == 0
+  assert (tmp_path / "comparison.png").stat().st_size > 10_000
+  table = (tmp_path / "comparison.md").read_text()
+  assert "| none | 1 |" in table and "| gc:update | 1 |" in table
+  assert json.loads((tmp_path / "gc_update" / "seed0" / "summary.json").read_text())[
+      "config"]["gc_location"] == "update"
+
+
+def test_linen_variant_learns() -> None:
+  history = linen.train("gc", epochs=2)
+  assert history[-1]["train_loss"] < history[0]["train_loss"]
+  assert history[-1]["test_accuracy"] > 0.3
