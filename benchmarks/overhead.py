@@ -54,9 +54,8 @@ def param_tree(model: str, num_classes: int = 100) -> dict[str, Any]:
   shapes = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
   leaves, treedef = jax.tree.flatten(shapes)
   keys = jax.random.split(jax.random.key(0), len(leaves))
-  return jax.tree.unflatten(
-      treedef, [jax.random.normal(k, s.shape, jnp.float32) for k, s in zip(keys, leaves)]
-  )
+  arrays = [jax.random.normal(k, s.shape, jnp.float32) for k, s in zip(keys, leaves, strict=True)]
+  return jax.tree.unflatten(treedef, arrays)
 
 
 def _optimizers() -> dict[str, Callable[[], optax.GradientTransformation]]:

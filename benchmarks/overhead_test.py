@@ -8,7 +8,8 @@ from benchmarks import overhead
 def test_overhead_quick_tiny(tmp_path, fast_compile):
   out = tmp_path / "overhead.json"
   payload = overhead.main([
-      "--quick", "--trees", "tiny", "--optimizers", "adam", "--train-models", "tiny", "--batch", "8",
+      "--quick", "--trees", "tiny", "--optimizers", "adam", "--train-models", "tiny",
+      "--batch", "8",
       "--rounds", "2", "--iters", "1", "--train-rounds", "2", "--train-iters", "1",
       "--json", str(out),
   ])
