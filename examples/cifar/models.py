@@ -1,4 +1,4 @@
-"""CIFAR ResNets in Flax NNX: He et al. (2016) ResNet-20/32/56 and ResNet-18/34/50 with a CIFAR stem.
+"""CIFAR ResNets in Flax NNX: He et al.'s ResNet-20/32/56, and ResNet-18/34/50 with a CIFAR stem.
 
 Every variant is a ``functools.partial`` of one class, :class:`ResNet`:
 
@@ -88,7 +88,8 @@ class BasicBlock(nnx.Module):
     self.conv2 = _conv(width, out_ch, 3, 1, rngs)
     self.bn2 = _bn(out_ch, rngs)
     needs_shortcut = stride != 1 or in_ch != out_ch
-    self.shortcut = _Shortcut(in_ch, out_ch, stride, shortcut, rngs=rngs) if needs_shortcut else None
+    self.shortcut = (
+        _Shortcut(in_ch, out_ch, stride, shortcut, rngs=rngs) if needs_shortcut else None)
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     y = nnx.relu(self.bn1(self.conv1(x), use_running_average=not train))
@@ -113,7 +114,8 @@ class BottleneckBlock(nnx.Module):
     self.conv3 = _conv(width, out_ch, 1, 1, rngs)
     self.bn3 = _bn(out_ch, rngs)
     needs_shortcut = stride != 1 or in_ch != out_ch
-    self.shortcut = _Shortcut(in_ch, out_ch, stride, shortcut, rngs=rngs) if needs_shortcut else None
+    self.shortcut = (
+        _Shortcut(in_ch, out_ch, stride, shortcut, rngs=rngs) if needs_shortcut else None)
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     y = nnx.relu(self.bn1(self.conv1(x), use_running_average=not train))

@@ -43,7 +43,8 @@ from examples.cifar.config import BOOKKEEPING_FIELDS, Config, add_flags, config_
 from examples.cifar.input_pipeline import Batch, DataError, Split
 
 __all__ = [
-    "TrainingDivergedError", "make_learning_rate", "make_optimizer", "make_mesh", "train_step",
+    "TrainingDivergedError", "make_learning_rate", "make_optimizer", "make_mesh", "train_step_fn",
+    "train_step", "flat_train_step",
     "eval_step", "gc_removed_share", "train_epoch", "evaluate", "train_and_evaluate", "main",
     "TRACE_COUNTS",
 ]
@@ -134,8 +135,7 @@ def _loss_and_metrics(
   return loss, {"loss": loss, "loss_sum": loss_sum, "correct": correct, "count": count}
 
 
-@functools.partial(nnx.jit, static_argnames=("augment",))
-def train_step(
+def train_step_fn(
     model: models.ResNet,
     optimizer: nnx.Optimizer,
     batch: Batch,
@@ -143,10 +143,11 @@ def train_step(
     mean_std: jax.Array,
     augment: str = "crop_flip",
 ) -> dict[str, jax.Array]:
-  """One SGD/Adam step on ``batch``; updates ``model`` and ``optimizer`` in place.
+  """One optimizer step on ``batch`` (unjitted); updates ``model`` and ``optimizer`` in place.
 
   The augmentation key is ``fold_in(rng, optimizer.step)``, so a resumed run draws the same crops.
-  Returns the batch's ``loss`` and the sums ``loss_sum``, ``correct``, ``count``.
+  Returns the batch's ``loss`` and the sums ``loss_sum``, ``correct``, ``count``. Use it jitted:
+  :func:`train_step` (simplest) or :func:`flat_train_step` (what the training loop uses).
   """
   TRACE_COUNTS["train_step"] += 1
   images = batch.images
@@ -161,6 +162,31 @@ def train_step(
   grads, metrics = nnx.grad(loss_fn, has_aux=True)(model)
   optimizer.update(model, grads)
   return metrics
+
+
+train_step = nnx.jit(train_step_fn, static_argnames=("augment",))
+"""``train_step_fn`` under ``nnx.jit``: ``train_step(model, optimizer, batch, rng, mean_std)``."""
+
+
+@functools.lru_cache(maxsize=8)
+def flat_train_step(graphdef: nnx.GraphDef, treedef: Any, augment: str) -> Any:
+  """``train_step_fn`` jitted over the flat list of model + optimizer arrays (donated).
+
+  ``nnx.jit`` walks the module graph on every call, which costs milliseconds per step for deep
+  models on a GPU; a plain ``jax.jit`` over a list of arrays does not. Usage, for
+  ``graphdef, state = nnx.split((model, optimizer))`` and ``leaves, treedef =
+  jax.tree.flatten(state)``: ``leaves, metrics = flat_train_step(graphdef, treedef, augment)(
+  leaves, batch, rng, mean_std)``, then ``nnx.update((model, optimizer), jax.tree.unflatten(
+  treedef, leaves))``. Cached, so every epoch of a run reuses one compiled step.
+  """
+
+  def step(leaves: list[jax.Array], batch: Batch, rng: jax.Array, mean_std: jax.Array
+           ) -> tuple[list[jax.Array], dict[str, jax.Array]]:
+    model, optimizer = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    metrics = train_step_fn(model, optimizer, batch, rng, mean_std, augment)
+    return jax.tree.leaves(nnx.state((model, optimizer))), metrics
+
+  return jax.jit(step, donate_argnums=0)
 
 
 @nnx.jit
@@ -244,21 +270,27 @@ def train_epoch(
     TrainingDivergedError: the loss is not finite.
   """
   idx, mask = input_pipeline.train_batches(len(split), config.batch_size, config.seed, epoch)
-  step_fn = nnx.cached_partial(train_step, model, optimizer)  # Skips re-walking the graph.
+  graphdef, state = nnx.split((model, optimizer))
+  leaves, treedef = jax.tree.flatten(state)
+  step_fn = flat_train_step(graphdef, treedef, config.augment)
   per_step = []
   show = config.progress and jax.process_index() == 0
-  with tqdm(total=len(idx), desc=f"epoch {epoch}/{config.epochs}", leave=False,
-            disable=not show, dynamic_ncols=True) as bar:
-    for s in range(len(idx)):
-      batch = input_pipeline.shard_batch(mesh, split, idx[s], mask[s])
-      per_step.append(step_fn(batch, rng, mean_std, augment=config.augment))
-      if (s + 1) % config.log_every_steps == 0 or s + 1 == len(idx):
-        loss = float(per_step[-1]["loss"])
-        if not math.isfinite(loss):
-          raise TrainingDivergedError(f"loss is {loss} at epoch {epoch}, step {s + 1}")
-        bar.set_postfix(loss=f"{loss:.4f}", acc=f"{_sum_metrics(per_step)['accuracy']:.3f}",
-                        refresh=False)
-      bar.update()
+  try:
+    with tqdm(total=len(idx), desc=f"epoch {epoch}/{config.epochs}", leave=False,
+              disable=not show, dynamic_ncols=True) as bar:
+      for s in range(len(idx)):
+        batch = input_pipeline.shard_batch(mesh, split, idx[s], mask[s])
+        leaves, metrics = step_fn(leaves, batch, rng, mean_std)
+        per_step.append(metrics)
+        if (s + 1) % config.log_every_steps == 0 or s + 1 == len(idx):
+          loss = float(metrics["loss"])
+          if not math.isfinite(loss):
+            raise TrainingDivergedError(f"loss is {loss} at epoch {epoch}, step {s + 1}")
+          bar.set_postfix(loss=f"{loss:.4f}", acc=f"{_sum_metrics(per_step)['accuracy']:.3f}",
+                          refresh=False)
+        bar.update()
+  finally:  # The step donated the old arrays: hand the new ones back to the model.
+    nnx.update((model, optimizer), jax.tree.unflatten(treedef, leaves))
   totals = _sum_metrics(per_step)
   if not math.isfinite(totals["loss"]):
     raise TrainingDivergedError(f"mean loss is {totals['loss']} in epoch {epoch}")
@@ -398,7 +430,7 @@ def _log_gc_shares(model: models.ResNet, mesh: Mesh, split: Split, config: Confi
 
 
 def _check_or_write_config(workdir: Path, config: Config) -> None:
-  """Writes ``config.json``, or checks that a resumed run has the same trajectory-defining config."""
+  """Writes ``config.json``, or checks that a resumed run has the same trajectory config."""
   workdir.mkdir(parents=True, exist_ok=True)
   path = workdir / "config.json"
   new = config.to_dict()
