@@ -185,10 +185,18 @@ def add_flags(parser: argparse.ArgumentParser, *, skip: Sequence[str] = ()) -> N
   parser.add_argument("--config", default="default",
                       help="starting config, a module in examples/cifar/configs "
                            "(default, digits, cifar10_resnet20, cifar100)")
-  group = parser.add_argument_group("config overrides (default: the --config's value)")
+  group = parser.add_argument_group(
+      "config overrides", "Each flag replaces one field of the --config; [brackets] show the "
+      "field's default in Config (configs/default.py).")
+  defaults = Config()
   for flag, (field, kwargs) in _FLAGS.items():
-    if field not in skip:
-      group.add_argument(flag, dest=field, default=None, **kwargs)
+    if field in skip:
+      continue
+    kwargs = dict(kwargs)
+    value = getattr(defaults, field)
+    value = ",".join(map(str, value)) if isinstance(value, tuple) else value
+    kwargs["help"] = kwargs.get("help", "") + ("" if value is None else f" [{value}]")
+    group.add_argument(flag, dest=field, default=None, **kwargs)
   parser.add_argument("--distributed", action="store_true",
                       help="call jax.distributed.initialize() first (multi-host runs)")
 

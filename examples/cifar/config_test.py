@@ -1,0 +1,52 @@
+"""Tests for the config: defaults, resolution, flags over a named config, and the presets."""
+
+import argparse
+
+import pytest
+
+from examples.cifar import configs
+from examples.cifar.config import Config, add_flags, config_from_flags
+
+
+def _parse(*argv: str) -> Config:
+  parser = argparse.ArgumentParser()
+  add_flags(parser)
+  return config_from_flags(parser.parse_args(list(argv)))
+
+
+def test_defaults_are_the_papers_cifar_recipe() -> None:
+  config = _parse()
+  assert (config.dataset, config.model, config.optimizer, config.gc) == (
+      "cifar10", "resnet18", "sgd", "gc")
+  assert (config.learning_rate, config.momentum, config.weight_decay, config.batch_size) == (
+      0.1, 0.9, 5e-4, 128)
+  assert (config.epochs, config.schedule, config.step_boundaries) == (200, "step", (0.5, 0.75))
+
+
+def test_flags_override_the_named_config() -> None:
+  config = _parse("--config", "digits", "--optimizer", "adam", "--gc", "gcc", "--seed", "3",
+                  "--train-subset", "100", "--data-dir", "/d", "--step-boundaries", "0.3,0.6",
+                  "--nesterov", "true", "--distributed")
+  assert config.dataset == "digits" and config.model == "resnet8"
+  assert config.learning_rate == 1e-3  # Adam's default, since neither config nor flag set it.
+  assert (config.gc, config.seed, config.train_subset, config.data_dir) == ("gcc", 3, 100, "/d")
+  assert config.step_boundaries == (0.3, 0.6) and config.nesterov and config.distributed
+
+
+def test_bad_values_are_clear_errors() -> None:
+  with pytest.raises(ValueError, match="optimizer must be one of"):
+    Config(optimizer="lion").resolved()
+  with pytest.raises(ValueError, match="Unknown config"):
+    configs.get_config("nope")
+
+
+@pytest.mark.parametrize("name", configs.names())
+def test_every_preset_resolves_and_says_how_to_run_it(name: str) -> None:
+  configs.get_config(name).resolved()
+  module = __import__(f"examples.cifar.configs.{name}", fromlist=["_"])
+  assert "python -m examples.cifar." in module.__doc__
+
+
+def test_config_round_trips_through_json_dicts() -> None:
+  config = Config(step_boundaries=(0.1,), train_subset=5).resolved()
+  assert Config.from_dict(config.to_dict()) == config
