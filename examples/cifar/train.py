@@ -365,6 +365,9 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> dict[str, Any]:
     nnx.update(model, restored["model"])
     nnx.update(optimizer, restored["optimizer"])
   history = _load_history(workdir / "metrics.jsonl", upto=start_epoch, rewrite=chief)
+  if len(history) != start_epoch:
+    tqdm.write(f"note: {workdir / 'metrics.jsonl'} holds {len(history)} of the {start_epoch} "
+               "checkpointed epochs; the summary covers only those.")
 
   log = tqdm.write if chief else (lambda _: None)
   num_params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -465,8 +468,10 @@ def _load_history(path: Path, upto: int, rewrite: bool) -> list[dict[str, Any]]:
 
 
 def _summary(history: list[dict[str, Any]], config: Config, **extra: Any) -> dict[str, Any]:
-  best = max(history, key=lambda r: r["test_accuracy"])
-  final = history[-1]
+  empty = {"epoch": 0, "test_accuracy": None, "test_loss": None, "train_loss": None,
+           "train_accuracy": None}
+  best = max(history, key=lambda r: r["test_accuracy"]) if history else empty
+  final = history[-1] if history else empty
   return {
       "final_test_accuracy": final["test_accuracy"],
       "best_test_accuracy": best["test_accuracy"],
