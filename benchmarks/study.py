@@ -276,6 +276,7 @@ def plot_curves(runs: dict[str, dict[int, dict[str, Any]]], path: Path) -> None:
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
   import numpy as np
 
   groups = [("SGD momentum", ["sgd", "sgd_gc", "sgd_gcc"]), ("Adam", ["adam", "adam_gc"]),
@@ -299,6 +300,7 @@ def plot_curves(runs: dict[str, dict[int, dict[str, Any]]], path: Path) -> None:
     axes[0, col].set_ylabel("training loss")
     axes[1, col].set_ylabel("test accuracy (%)")
     axes[1, col].set_xlabel("epoch")
+    axes[1, col].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     for ax in axes[:, col]:
       if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
