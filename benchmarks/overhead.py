@@ -11,11 +11,13 @@ order), reporting the median over rounds of the per-round ratio to the plain opt
 
 1. **Optimizer step.** ``params, state = step(params, state, grads)`` jitted (params and state
    donated) on the parameter trees of the example's ResNet-18 and ResNet-50 (Flax layout,
-   CIFAR-100 head), for SGD with momentum 0.9 and for Adam. Variants:
+   CIFAR-100 head), for SGD with momentum 0.9 and for Adam, each bare and, as the library's
+   aliases ``gc_sgd`` / ``gc_adam``, with the paper's coupled weight decay 5e-4. Variants:
 
-   - ``plain``: ``optax.sgd`` / ``optax.adam``;
-   - ``optax_gc``: ``optax.chain(optax_gc.centralize(), plain)``;
-   - ``optax.centralize``: ``optax.chain(optax.centralize(), plain)``, the same amount of work
+   - ``plain``: ``optax.sgd`` / ``optax.adam`` (after ``optax.add_decayed_weights`` for the
+     ``*_wd`` rows);
+   - ``optax_gc``: ``optax.chain(optax_gc.centralize(), plain)``, or the alias for ``*_wd``;
+   - ``optax.centralize``: the same chain with ``optax.centralize()``, the same amount of work
      on the wrong axes for Flax (it keeps axis 0, PyTorch's output axis);
    - ``floor``: one jitted read pass over every gradient (a sum per leaf), the least any GC
      can cost since it must read every gradient once to form the means.
@@ -58,10 +60,40 @@ def param_tree(model: str, num_classes: int = 100) -> dict[str, Any]:
   return jax.tree.unflatten(treedef, arrays)
 
 
-def _optimizers() -> dict[str, Callable[[], optax.GradientTransformation]]:
+WD = 5e-4  # the paper's coupled weight decay
+
+
+def _optimizers() -> dict[str, dict[str, Callable[[], optax.GradientTransformation]]]:
+  """Per optimizer, the three variants compared: plain, ``optax_gc``, ``optax.centralize()``.
+
+  ``sgd_momentum`` and ``adam`` put the bare transform in front of the optimizer. ``gc_sgd_wd``
+  and ``gc_adam_wd`` are the library's aliases with the paper's coupled weight decay (decay,
+  then GC, then the optimizer), against the same chain without GC.
+  """
+  sgd = lambda: optax.sgd(0.1, momentum=0.9)  # noqa: E731
+  adam = lambda: optax.adam(1e-3)  # noqa: E731
+  decay = lambda: optax.add_decayed_weights(WD)  # noqa: E731
   return {
-      "sgd_momentum": lambda: optax.sgd(0.1, momentum=0.9),
-      "adam": lambda: optax.adam(1e-3),
+      "sgd_momentum": {
+          "plain": sgd,
+          "optax_gc": lambda: optax.chain(optax_gc.centralize(), sgd()),
+          "optax.centralize": lambda: optax.chain(optax.centralize(), sgd()),
+      },
+      "adam": {
+          "plain": adam,
+          "optax_gc": lambda: optax.chain(optax_gc.centralize(), adam()),
+          "optax.centralize": lambda: optax.chain(optax.centralize(), adam()),
+      },
+      "gc_sgd_wd": {
+          "plain": lambda: optax.chain(decay(), sgd()),
+          "optax_gc": lambda: optax_gc.gc_sgd(0.1, 0.9, weight_decay=WD),
+          "optax.centralize": lambda: optax.chain(decay(), optax.centralize(), sgd()),
+      },
+      "gc_adam_wd": {
+          "plain": lambda: optax.chain(decay(), adam()),
+          "optax_gc": lambda: optax_gc.gc_adam(1e-3, weight_decay=WD),
+          "optax.centralize": lambda: optax.chain(decay(), optax.centralize(), adam()),
+      },
   }
 
 
@@ -98,17 +130,11 @@ def optimizer_step_bench(
     params = param_tree(model, num_classes)
     grads = jax.tree.map(lambda x: 1e-3 * jnp.roll(x, 1), params)
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    for opt_name, make in _optimizers().items():
+    for opt_name, variants in _optimizers().items():
       if optimizers is not None and opt_name not in optimizers:
         continue
-      runners = {
-          "plain": _step_runner(make(), params, grads),
-          "optax_gc": _step_runner(optax.chain(optax_gc.centralize(), make()), params, grads),
-          "optax.centralize": _step_runner(
-              optax.chain(optax.centralize(), make()), params, grads
-          ),
-          "floor": _floor_runner(grads),
-      }
+      runners = {name: _step_runner(make(), params, grads) for name, make in variants.items()}
+      runners["floor"] = _floor_runner(grads)
       for f in runners.values():  # compile and warm up
         for _ in range(2):
           jax.block_until_ready(f())
@@ -166,10 +192,9 @@ def hlo_report(models: list[str]) -> list[dict[str, Any]]:
   for model in models:
     params = param_tree(model)
     n_kernels = sum(x.ndim >= 2 for x in jax.tree.leaves(params))
-    for opt_name, make in _optimizers().items():
-      for variant, tx in (("plain", make()),
-                          ("optax_gc", optax.chain(optax_gc.centralize(), make())),
-                          ("optax.centralize", optax.chain(optax.centralize(), make()))):
+    for opt_name, variants in _optimizers().items():
+      for variant, make in variants.items():
+        tx = make()
         rows.append({"tree": model, "optimizer": opt_name, "variant": variant,
                      "kernels": n_kernels, **hlo_passes(tx, params, params)})
   _bench.print_table(
@@ -290,8 +315,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--quick", action="store_true", help="fewer rounds (a smoke-level figure)")
   p.add_argument("--json", default=None, help="write the results to this JSON file")
   p.add_argument("--trees", default="resnet18,resnet50", help="models for the optimizer step")
-  p.add_argument("--optimizers", default="sgd_momentum,adam",
-                 help="optimizers for the optimizer step: sgd_momentum, adam")
+  p.add_argument("--optimizers", default="sgd_momentum,adam,gc_sgd_wd,gc_adam_wd",
+                 help="optimizers for the optimizer step: sgd_momentum, adam (bare transform), "
+                      "gc_sgd_wd, gc_adam_wd (the aliases, coupled weight decay 5e-4)")
   p.add_argument("--train-models", default="resnet20,resnet18",
                  help="models for the whole train step ('' to skip)")
   p.add_argument("--batch", type=int, default=128)
