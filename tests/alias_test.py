@@ -177,6 +177,15 @@ class AgainstReferenceTest(parameterized.TestCase):
       scales.append(float(u["w"][1, 0]))
     np.testing.assert_allclose(scales, [-1.0, -0.75, -0.5], rtol=1e-6)
 
+  def test_weight_decay_needs_params(self):
+    g = {"w": jnp.ones((3, 2))}
+    for tx in (optax_gc.gc_sgd(0.1, weight_decay=1e-4), optax_gc.gc_adam(0.1, weight_decay=1e-4)):
+      with self.assertRaisesRegex(ValueError, "weight_decay needs the parameters"):
+        tx.update(g, tx.init(g))
+    tx = optax_gc.gc_sgd(0.1)  # no decay: no params needed
+    u, _ = tx.update(g, tx.init(g))
+    np.testing.assert_allclose(u["w"], jnp.zeros((3, 2)), atol=1e-7)
+
   def test_returns_extra_args_transformations(self):
     for tx in (optax_gc.gc_sgd(0.1), optax_gc.gc_adam(0.1), optax_gc.gc_adamw(0.1)):
       self.assertIsInstance(tx, optax.GradientTransformationExtraArgs)

@@ -5,8 +5,10 @@ Each alias is ``optax.chain`` of small Optax transformations and
 under ``optax.inject_hyperparams``.
 """
 
+import jax
 import optax
 
+from optax_gc._src import centralize as centralize_lib
 from optax_gc._src.centralize import Mask, OutputAxis, centralize
 
 __all__ = ["gc_sgd", "gc_adam", "gc_adamw"]
@@ -15,6 +17,36 @@ __all__ = ["gc_sgd", "gc_adam", "gc_adamw"]
 def _min_ndim(conv_only: bool) -> int:
   # JAX dense kernels have rank 2, conv kernels rank >= 3.
   return 3 if conv_only else 2
+
+
+def _centralized_decay(
+    weight_decay: float, output_axis: OutputAxis, min_ndim: int
+) -> optax.GradientTransformation:
+  r"""Adds :math:`\lambda \Phi(p)` to updates that are already centralized.
+
+  ``chain(centralize(...), _centralized_decay(...))`` is :math:`\Phi(g) +
+  \lambda \Phi(p) = \Phi(g + \lambda p)` (:math:`\Phi` is linear): the paper's
+  "decay, then centralize", computed without storing :math:`g + \lambda p`.
+  That sum has two consumers (the means and the update), so XLA writes it to
+  memory and reads it back; here each mean reads a buffer that already exists
+  and the rest fuses into the optimizer's elementwise update.
+  """
+
+  def update_fn(updates, state, params=None):
+    if isinstance(weight_decay, (int, float)) and weight_decay == 0:
+      return updates, state
+    if params is None:
+      raise ValueError(
+          "optax_gc: weight_decay needs the parameters: call update(grads, state, params)."
+      )
+    centered = centralize_lib.map_centralized(params, params, output_axis, min_ndim)
+    updates = jax.tree.map(
+        lambda u, c: None if u is None else u + weight_decay * c,
+        updates, centered, is_leaf=lambda x: x is None,
+    )
+    return updates, state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 def gc_sgd(
@@ -70,9 +102,10 @@ def gc_sgd(
     Technique for Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_,
     ECCV 2020.
   """
+  min_ndim = _min_ndim(conv_only)
   return optax.chain(
-      optax.add_decayed_weights(weight_decay),
-      centralize(output_axis, min_ndim=_min_ndim(conv_only)),
+      centralize(output_axis, min_ndim=min_ndim),
+      _centralized_decay(weight_decay, output_axis, min_ndim),
       optax.trace(decay=momentum, nesterov=nesterov),
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -156,10 +189,17 @@ def gc_adam(
     <https://arxiv.org/abs/1412.6980>`_, 2014.
   """
   core = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
-  gc = centralize(output_axis, min_ndim=_min_ndim(conv_only))
+  min_ndim = _min_ndim(conv_only)
+  gc = centralize(output_axis, min_ndim=min_ndim)
+  if centralize_update:
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay), _placed(core, gc, learning_rate, True)
+    )
   return optax.chain(
-      optax.add_decayed_weights(weight_decay),
-      _placed(core, gc, learning_rate, centralize_update),
+      gc,
+      _centralized_decay(weight_decay, output_axis, min_ndim),
+      core,
+      optax.scale_by_learning_rate(learning_rate),
   )
 
 

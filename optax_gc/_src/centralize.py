@@ -209,6 +209,15 @@ def _map_leaves(
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def map_centralized(
+    tree: Any, params: Any, output_axis: OutputAxis, min_ndim: int, mask: Mask = None
+) -> Any:
+  """``tree`` with GC applied leaf by leaf, by the rules of :func:`centralize`."""
+  return _map_leaves(
+      _centralize_leaf, lambda g: g, tree, params, output_axis, min_ndim, mask
+  )
+
+
 def centralize(
     output_axis: OutputAxis = -1,
     *,
@@ -302,10 +311,7 @@ def centralize(
   def update_fn(
       updates: optax.Updates, state: optax.EmptyState, params: optax.Params | None = None
   ) -> tuple[optax.Updates, optax.EmptyState]:
-    updates = _map_leaves(
-        _centralize_leaf, lambda g: g, updates, params, output_axis, min_ndim, mask
-    )
-    return updates, state
+    return map_centralized(updates, params, output_axis, min_ndim, mask), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
