@@ -79,7 +79,6 @@ def loop_vs_bare(
 
   idx, mask = ip.train_batches(len(split), batch, 0, 0)
   one_batch = ip.shard_batch(mesh, split, idx[0], mask[0])
-  step_fn = nnx.cached_partial(train.train_step, model, optimizer)
   epoch = [0]
 
   def loop():
@@ -87,6 +86,9 @@ def loop_vs_bare(
     return train.train_epoch(model, optimizer, mesh, split, config, epoch[0], rng, mean_std)
 
   def bare():
+    # A fresh cached partial per round, as train_epoch makes one per epoch: a partial made
+    # before the loop last ran sees a changed graph and falls back to a slow path.
+    step_fn = nnx.cached_partial(train.train_step, model, optimizer)
     out = None
     for _ in range(steps):
       out = step_fn(one_batch, rng, mean_std, augment=config.augment)
