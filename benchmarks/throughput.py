@@ -12,7 +12,8 @@ optimizer, batch size and on-device augmentation), timed in interleaved rounds:
 - ``loop``: the example's full per-epoch loop, ``examples.cifar.train.train_epoch``: host-side
   shuffling, gathering each batch from the uint8 arrays, ``shard_batch`` onto the device mesh,
   the step, the periodic loss check, and the epoch's metric reduction;
-- ``bare``: the same jitted step called back to back on one batch already on the device.
+- ``bare``: the same jitted step (``train.flat_train_step``, as the loop calls it) back to back
+  on one batch already on the device.
 
 The ratio ``loop / bare`` in images/s (median over rounds) is the share of the step's speed that
 the loop keeps; the target is >= 0.95. Data: the CIFAR-10 npz pair in ``--data-dir`` (default
@@ -86,8 +87,21 @@ def loop_vs_bare(
     return train.train_epoch(model, optimizer, mesh, split, config, epoch[0], rng, mean_std)
 
   def bare():
-    # A fresh cached partial per round, as train_epoch makes one per epoch: a partial made
-    # before the loop last ran sees a changed graph and falls back to a slow path.
+    # The very step the loop runs (the example's flat, donated jit if it has one), called back
+    # to back on one batch already on the device.
+    if hasattr(train, "flat_train_step"):
+      graphdef, state = nnx.split((model, optimizer))
+      leaves, treedef = jax.tree.flatten(state)
+      step_fn = train.flat_train_step(graphdef, treedef, config.augment)
+      out = None
+      try:
+        for _ in range(steps):
+          leaves, out = step_fn(leaves, one_batch, rng, mean_std)
+      finally:  # the step donated the old arrays: hand the new ones back to the model
+        nnx.update((model, optimizer), jax.tree.unflatten(treedef, leaves))
+      return out
+    # Older example: nnx.jit step. A fresh cached partial per round, as the loop makes one per
+    # epoch (a partial made before the loop last ran re-traces).
     step_fn = nnx.cached_partial(train.train_step, model, optimizer)
     out = None
     for _ in range(steps):
