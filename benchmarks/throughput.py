@@ -10,10 +10,14 @@ Two ways to run the same number of steps of the example's jitted ``train_step`` 
 optimizer, batch size and on-device augmentation), timed in interleaved rounds:
 
 - ``loop``: the example's full per-epoch loop, ``examples.cifar.train.train_epoch``: host-side
-  shuffling, gathering each batch from the uint8 arrays, ``shard_batch`` onto the device mesh,
-  the step, the periodic loss check, and the epoch's metric reduction;
-- ``bare``: the same jitted step (``train.flat_train_step``, as the loop calls it) back to back
-  on one batch already on the device.
+  shuffling, uploading the epoch's indices, gathering each batch on the device from the resident
+  uint8 dataset (``train.resident_train_step``), the periodic loss check, and the epoch's
+  metrics;
+- ``bare``: the jitted train step (``train.flat_train_step``) back to back on one batch already
+  on the device.
+
+A host-bound proxy, for a machine without an accelerator: ``--models tiny --batch 8 --steps 200
+--rounds 7`` makes the step so short that per-step host work shows.
 
 The ratio ``loop / bare`` in images/s (median over rounds) is the share of the step's speed that
 the loop keeps; the target is >= 0.95. Data: the CIFAR-10 npz pair in ``--data-dir`` (default

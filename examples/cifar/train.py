@@ -189,6 +189,35 @@ def flat_train_step(graphdef: nnx.GraphDef, treedef: Any, augment: str) -> Any:
   return jax.jit(step, donate_argnums=0)
 
 
+@functools.lru_cache(maxsize=8)
+def resident_train_step(
+    graphdef: nnx.GraphDef, treedef: Any, augment: str, batch_sharding: NamedSharding
+) -> Any:
+  """:func:`flat_train_step` that takes its batch from a dataset already on the devices.
+
+  ``leaves, totals, loss = resident_train_step(graphdef, treedef, augment, batch_sharding)(
+  leaves, totals, data, idx, mask, s, rng, mean_std)``: ``data = (images, labels)`` and the
+  epoch's ``idx``/``mask`` (``(steps, batch)``) are replicated on every device once per epoch;
+  step ``s`` gathers its rows on the device and shards them along ``data``. The host then sends
+  nothing but ``s`` per step, so a fast accelerator is never left waiting for batches.
+  ``totals`` accumulates the epoch's ``loss_sum``, ``correct`` and ``count`` on the device.
+  """
+
+  def step(leaves: list[jax.Array], totals: dict[str, jax.Array],
+           data: tuple[jax.Array, jax.Array], idx: jax.Array, mask: jax.Array, s: jax.Array,
+           rng: jax.Array, mean_std: jax.Array
+           ) -> tuple[list[jax.Array], dict[str, jax.Array], jax.Array]:
+    rows = idx[s]
+    batch = Batch(data[0][rows], data[1][rows], mask[s])
+    batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+    model, optimizer = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    metrics = train_step_fn(model, optimizer, batch, rng, mean_std, augment)
+    totals = {k: totals[k] + metrics[k] for k in totals}
+    return jax.tree.leaves(nnx.state((model, optimizer))), totals, metrics["loss"]
+
+  return jax.jit(step, donate_argnums=0)
+
+
 @nnx.jit
 def eval_step(model: models.ResNet, batch: Batch, mean_std: jax.Array) -> dict[str, jax.Array]:
   """Loss and accuracy sums on ``batch`` with BatchNorm's running averages."""
@@ -256,8 +285,36 @@ def _replicate(mesh: Mesh, *nodes: nnx.Module | nnx.Optimizer) -> None:
 
 def _sum_metrics(per_step: list[dict[str, jax.Array]]) -> dict[str, float]:
   totals = jax.device_get(jax.tree.map(lambda *xs: jnp.sum(jnp.stack(xs)), *per_step))
+  return _means(totals)
+
+
+def _means(totals: dict[str, Any]) -> dict[str, float]:
+  totals = jax.device_get(totals)
   return {"loss": float(totals["loss_sum"] / totals["count"]),
           "accuracy": float(totals["correct"] / totals["count"])}
+
+
+def _replicated_on(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
+  """Host arrays (the same in every process) as arrays replicated on every device of ``mesh``."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  if jax.process_count() == 1:
+    return tuple(jax.device_put(arrays, replicated))
+  return tuple(jax.make_array_from_process_local_data(replicated, a) for a in arrays)
+
+
+_RESIDENT: list[tuple[Mesh, Split, tuple[jax.Array, jax.Array]]] = []
+
+
+def _resident(mesh: Mesh, split: Split) -> tuple[jax.Array, jax.Array]:
+  """``split``'s images and labels on the devices, uploaded once and reused every epoch.
+
+  Only the most recent split is kept, so the device memory of an earlier run is released.
+  """
+  for m, cached, arrays in _RESIDENT:
+    if m is mesh and cached is split:
+      return arrays
+  _RESIDENT[:] = [(mesh, split, _replicated_on(mesh, split.images, split.labels))]
+  return _RESIDENT[0][2]
 
 
 def train_epoch(
@@ -266,35 +323,49 @@ def train_epoch(
 ) -> dict[str, float]:
   """One pass over ``split`` (shuffled by ``(seed, epoch)``); returns mean loss and accuracy.
 
+  The split lives on the devices (uploaded on first use) and each step gathers its batch there
+  (:func:`resident_train_step`). The host reads the loss only every ``log_every_steps`` steps,
+  and then the value of the previous such read, which is already computed: it never waits for
+  the device in the middle of an epoch.
+
   Raises:
     TrainingDivergedError: the loss is not finite.
   """
   idx, mask = input_pipeline.train_batches(len(split), config.batch_size, config.seed, epoch)
+  data = _resident(mesh, split)
+  idx, mask = _replicated_on(mesh, idx.astype(np.int32), mask)
   graphdef, state = nnx.split((model, optimizer))
   leaves, treedef = jax.tree.flatten(state)
-  step_fn = flat_train_step(graphdef, treedef, config.augment)
-  per_step = []
+  step_fn = resident_train_step(graphdef, treedef, config.augment,
+                                NamedSharding(mesh, PartitionSpec("data")))
+  names = ("loss_sum", "correct", "count")
+  totals = dict(zip(names, _replicated_on(mesh, *[np.zeros((), np.float32)] * 3), strict=True))
+  pending: tuple[int, jax.Array, dict[str, jax.Array]] | None = None
   show = config.progress and jax.process_index() == 0
   try:
     with tqdm(total=len(idx), desc=f"epoch {epoch}/{config.epochs}", leave=False,
               disable=not show, dynamic_ncols=True) as bar:
       for s in range(len(idx)):
-        batch = input_pipeline.shard_batch(mesh, split, idx[s], mask[s])
-        leaves, metrics = step_fn(leaves, batch, rng, mean_std)
-        per_step.append(metrics)
-        if (s + 1) % config.log_every_steps == 0 or s + 1 == len(idx):
-          loss = float(metrics["loss"])
-          if not math.isfinite(loss):
-            raise TrainingDivergedError(f"loss is {loss} at epoch {epoch}, step {s + 1}")
-          bar.set_postfix(loss=f"{loss:.4f}", acc=f"{_sum_metrics(per_step)['accuracy']:.3f}",
-                          refresh=False)
+        leaves, totals, loss = step_fn(leaves, totals, data, idx, mask, s, rng, mean_std)
+        if (s + 1) % config.log_every_steps == 0:
+          if pending is not None:  # Computed long ago: reading it does not stall the device.
+            _check_finite(float(pending[1]), epoch, pending[0])
+            bar.set_postfix(loss=f"{float(pending[1]):.4f}",
+                            acc=f"{_means(pending[2])['accuracy']:.3f}", refresh=False)
+          pending = (s + 1, loss, totals)
         bar.update()
   finally:  # The step donated the old arrays: hand the new ones back to the model.
     nnx.update((model, optimizer), jax.tree.unflatten(treedef, leaves))
-  totals = _sum_metrics(per_step)
-  if not math.isfinite(totals["loss"]):
-    raise TrainingDivergedError(f"mean loss is {totals['loss']} in epoch {epoch}")
-  return totals
+  _check_finite(float(loss), epoch, len(idx))
+  result = _means(totals)
+  if not math.isfinite(result["loss"]):
+    raise TrainingDivergedError(f"mean loss is {result['loss']} in epoch {epoch}")
+  return result
+
+
+def _check_finite(loss: float, epoch: int, step: int) -> None:
+  if not math.isfinite(loss):
+    raise TrainingDivergedError(f"loss is {loss} at epoch {epoch}, step {step}")
 
 
 def evaluate(model: models.ResNet, mesh: Mesh, split: Split, batch_size: int,

@@ -123,19 +123,22 @@ def test_resume_after_kill_9_gives_identical_metrics(tmp_path: Path) -> None:
   train.train_and_evaluate(SMALL, reference)
 
   interrupted = tmp_path / "interrupted"
-  # shard_batch runs once for the GC log, 8 times per epoch for training, once for evaluation:
-  # call 14 is in the middle of epoch 2, after epoch 1's checkpoint.
+  # 8 training steps per epoch: step call 12 is in the middle of epoch 2, after epoch 1's
+  # checkpoint.
   script = (
       "import json, os, signal, sys\n"
-      "from examples.cifar import input_pipeline, train\n"
+      "from examples.cifar import train\n"
       "from examples.cifar.config import Config\n"
-      "real, calls = input_pipeline.shard_batch, [0]\n"
-      "def shard_then_maybe_die(*args, **kwargs):\n"
-      "  calls[0] += 1\n"
-      "  if calls[0] == 14:\n"
-      "    os.kill(os.getpid(), signal.SIGKILL)\n"
-      "  return real(*args, **kwargs)\n"
-      "input_pipeline.shard_batch = shard_then_maybe_die\n"
+      "real, calls = train.resident_train_step, [0]\n"
+      "def step_then_maybe_die(*args):\n"
+      "  step = real(*args)\n"
+      "  def counted(*a):\n"
+      "    calls[0] += 1\n"
+      "    if calls[0] == 12:\n"
+      "      os.kill(os.getpid(), signal.SIGKILL)\n"
+      "    return step(*a)\n"
+      "  return counted\n"
+      "train.resident_train_step = step_then_maybe_die\n"
       "train.train_and_evaluate(Config.from_dict(json.loads(sys.argv[1])), sys.argv[2])\n"
   )
   killed = _python(script, json.dumps(SMALL.to_dict()), str(interrupted))
