@@ -8,8 +8,7 @@ under ``optax.inject_hyperparams``.
 import jax
 import optax
 
-from optax_gc._src import centralize as centralize_lib
-from optax_gc._src.centralize import Mask, OutputAxis, centralize
+from optax_gc._src.centralize import Mask, OutputAxis, centralize, map_centralized
 
 __all__ = ["gc_sgd", "gc_adam", "gc_adamw"]
 
@@ -39,7 +38,7 @@ def _centralized_decay(
       raise ValueError(
           "optax_gc: weight_decay needs the parameters: call update(grads, state, params)."
       )
-    centered = centralize_lib.map_centralized(params, params, output_axis, min_ndim)
+    centered = map_centralized(params, params, output_axis, min_ndim)
     updates = jax.tree.map(
         lambda u, c: None if u is None else u + weight_decay * c,
         updates, centered, is_leaf=lambda x: x is None,

@@ -159,7 +159,16 @@ def _traced_axis_leaf(
   return jax.lax.switch(jnp.mod(axis, g.ndim), branches, g)
 
 
-def _apply_leaf(fn, g, axis, selected, default, path, min_ndim):
+def _apply_leaf(
+    fn: Callable[[jax.Array, tuple[int, ...]], Any],
+    g: Any,
+    axis: Any,
+    selected: Any,
+    default: Callable[[Any], Any],
+    path: Any,
+    min_ndim: int,
+) -> Any:
+  """``fn(g, reduced_axes)`` if GC acts on ``g``, else ``default(g)``."""
   if (
       isinstance(axis, (jax.Array, np.ndarray))
       and not _is_passthrough_node(g)
