@@ -91,25 +91,17 @@ def loop_vs_bare(
     return train.train_epoch(model, optimizer, mesh, split, config, epoch[0], rng, mean_std)
 
   def bare():
-    # The very step the loop runs (the example's flat, donated jit if it has one), called back
-    # to back on one batch already on the device.
-    if hasattr(train, "flat_train_step"):
-      graphdef, state = nnx.split((model, optimizer))
-      leaves, treedef = jax.tree.flatten(state)
-      step_fn = train.flat_train_step(graphdef, treedef, config.augment)
-      out = None
-      try:
-        for _ in range(steps):
-          leaves, out = step_fn(leaves, one_batch, rng, mean_std)
-      finally:  # the step donated the old arrays: hand the new ones back to the model
-        nnx.update((model, optimizer), jax.tree.unflatten(treedef, leaves))
-      return out
-    # Older example: nnx.jit step. A fresh cached partial per round, as the loop makes one per
-    # epoch (a partial made before the loop last ran re-traces).
-    step_fn = nnx.cached_partial(train.train_step, model, optimizer)
+    # The example's jitted train step over the flat, donated state, called back to back on one
+    # batch already on the device.
+    graphdef, state = nnx.split((model, optimizer))
+    leaves, treedef = jax.tree.flatten(state)
+    step_fn = train.flat_train_step(graphdef, treedef, config.augment)
     out = None
-    for _ in range(steps):
-      out = step_fn(one_batch, rng, mean_std, augment=config.augment)
+    try:
+      for _ in range(steps):
+        leaves, out = step_fn(leaves, one_batch, rng, mean_std)
+    finally:  # the step donated the old arrays: hand the new ones back to the model
+      nnx.update((model, optimizer), jax.tree.unflatten(treedef, leaves))
     return out
 
   t0 = time.perf_counter()

@@ -147,7 +147,8 @@ def train_step_fn(
 
   The augmentation key is ``fold_in(rng, optimizer.step)``, so a resumed run draws the same crops.
   Returns the batch's ``loss`` and the sums ``loss_sum``, ``correct``, ``count``. Use it jitted:
-  :func:`train_step` (simplest) or :func:`flat_train_step` (what the training loop uses).
+  :func:`train_step` (simplest), :func:`flat_train_step`, or :func:`resident_train_step` (what
+  the training loop uses).
   """
   TRACE_COUNTS["train_step"] += 1
   images = batch.images
@@ -180,13 +181,19 @@ def flat_train_step(graphdef: nnx.GraphDef, treedef: Any, augment: str) -> Any:
   treedef, leaves))``. Cached, so every epoch of a run reuses one compiled step.
   """
 
+  return jax.jit(_flat_step_fn(graphdef, treedef, augment), donate_argnums=0)
+
+
+def _flat_step_fn(graphdef: nnx.GraphDef, treedef: Any, augment: str) -> Any:
+  """``train_step_fn`` over the flat list of model + optimizer arrays (unjitted)."""
+
   def step(leaves: list[jax.Array], batch: Batch, rng: jax.Array, mean_std: jax.Array
            ) -> tuple[list[jax.Array], dict[str, jax.Array]]:
     model, optimizer = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
     metrics = train_step_fn(model, optimizer, batch, rng, mean_std, augment)
     return jax.tree.leaves(nnx.state((model, optimizer))), metrics
 
-  return jax.jit(step, donate_argnums=0)
+  return step
 
 
 @functools.lru_cache(maxsize=8)
@@ -210,11 +217,11 @@ def resident_train_step(
     rows = idx[s]
     batch = Batch(data[0][rows], data[1][rows], mask[s])
     batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-    model, optimizer = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-    metrics = train_step_fn(model, optimizer, batch, rng, mean_std, augment)
+    leaves, metrics = flat_step(leaves, batch, rng, mean_std)
     totals = {k: totals[k] + metrics[k] for k in totals}
-    return jax.tree.leaves(nnx.state((model, optimizer))), totals, metrics["loss"]
+    return leaves, totals, metrics["loss"]
 
+  flat_step = _flat_step_fn(graphdef, treedef, augment)
   return jax.jit(step, donate_argnums=0)
 
 
