@@ -37,16 +37,18 @@ def _describe(path: Any, leaf: Any) -> str:
 
 
 def _broadcast_spec(
-    spec: Any, updates: Any, name: str, is_leaf: Callable[[Any], bool]
+    spec: Any,
+    paths_leaves: list[tuple[Any, Any]],
+    treedef: Any,
+    name: str,
+    is_leaf: Callable[[Any], bool],
 ) -> list[Any]:
-  """Returns ``spec`` as one entry per leaf of ``updates`` (a prefix broadcast).
+  """Returns ``spec`` as one entry per leaf of the updates (a prefix broadcast).
 
-  A single value applies to every leaf; a tree must match the structure of the
-  updates. On a mismatch the error names the first leaf that differs.
+  ``paths_leaves`` and ``treedef`` are the flattened updates. A single value
+  applies to every leaf; a tree must match the structure of the updates. On a
+  mismatch the error names the first leaf that differs.
   """
-  paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(
-      updates, is_leaf=_is_passthrough_node
-  )
   if is_leaf(spec):
     return [spec] * len(paths_leaves)
   try:
@@ -99,18 +101,27 @@ def _normalize_axes(axis: Any, path: Any, leaf: jax.Array) -> tuple[int, ...]:
   return tuple(sorted(out))
 
 
+def _is_candidate(leaf: Any, axis: Any, selected: Any, min_ndim: int) -> bool:
+  """Whether GC may act on ``leaf``, before its axes and sizes are looked at.
+
+  Not a candidate: ``None``/``MaskedNode``, masked-out leaves, an
+  ``output_axis`` of ``None``, non-floating dtypes and rank below ``min_ndim``.
+  """
+  if _is_passthrough_node(leaf) or axis is None or selected is False:
+    return False
+  return bool(jnp.issubdtype(leaf.dtype, jnp.floating)) and leaf.ndim >= min_ndim
+
+
 def _reduced_axes(
     path: Any, leaf: Any, axis: Any, selected: Any, min_ndim: int
 ) -> tuple[int, ...] | None:
   """The fan-in axes GC averages ``leaf`` over, or ``None`` if it passes through.
 
-  Pass-through leaves: ``None``/``MaskedNode``, masked-out leaves, non-floating
-  dtypes, rank below ``min_ndim``, an ``output_axis`` of ``None``, zero-size
-  leaves, and leaves whose fan-in has a single element (GC would zero them).
+  Pass-through leaves: those that are not candidates (:func:`_is_candidate`),
+  zero-size leaves, and leaves whose fan-in has a single element (GC would zero
+  them).
   """
-  if _is_passthrough_node(leaf) or axis is None or selected is False:
-    return None
-  if not jnp.issubdtype(leaf.dtype, jnp.floating) or leaf.ndim < min_ndim:
+  if not _is_candidate(leaf, axis, selected, min_ndim):
     return None
   keep = _normalize_axes(axis, path, leaf)
   reduced = tuple(a for a in range(leaf.ndim) if a not in keep)
@@ -134,7 +145,7 @@ def _traced_axis_leaf(
     fn: Callable[[jax.Array, tuple[int, ...]], jax.Array],
     g: jax.Array,
     axis: jax.Array,
-    default: jax.Array,
+    default: Callable[[Any], Any],
     path: Any,
     min_ndim: int,
 ) -> jax.Array:
@@ -169,13 +180,7 @@ def _apply_leaf(
     min_ndim: int,
 ) -> Any:
   """``fn(g, reduced_axes)`` if GC acts on ``g``, else ``default(g)``."""
-  if (
-      isinstance(axis, (jax.Array, np.ndarray))
-      and not _is_passthrough_node(g)
-      and selected is not False
-      and jnp.issubdtype(g.dtype, jnp.floating)
-      and g.ndim >= min_ndim
-  ):
+  if isinstance(axis, (jax.Array, np.ndarray)) and _is_candidate(g, axis, selected, min_ndim):
     return _traced_axis_leaf(fn, g, axis, default, path, min_ndim)
   axes = _reduced_axes(path, g, axis, selected, min_ndim)
   if axes is None:
@@ -195,21 +200,23 @@ def _map_leaves(
   """Maps ``fn(g, reduced_axes)`` over the leaves GC acts on, ``default`` elsewhere."""
   if isinstance(min_ndim, bool) or not isinstance(min_ndim, int) or min_ndim < 1:
     raise ValueError(f"optax_gc: min_ndim must be an int >= 1, got {min_ndim!r}.")
+  paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(
+      updates, is_leaf=_is_passthrough_node
+  )
   axes = _broadcast_spec(
-      _resolve(output_axis, updates, params), updates, "output_axis", _is_axis_leaf
+      _resolve(output_axis, updates, params), paths_leaves, treedef, "output_axis",
+      _is_axis_leaf,
   )
   masks = (
       [True] * len(axes)
       if mask is None
       else _broadcast_spec(
           _resolve(mask, updates, params),
-          updates,
+          paths_leaves,
+          treedef,
           "mask",
           lambda x: x is None or isinstance(x, (bool, np.bool_)),
       )
-  )
-  paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(
-      updates, is_leaf=_is_passthrough_node
   )
   out = [
       _apply_leaf(fn, g, a, m, default, path, min_ndim)
