@@ -248,7 +248,12 @@ class PerLeafSpecTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_mask_tree_and_callable(self):
     tree = {"a": jnp.arange(6.0).reshape(3, 2), "b": jnp.arange(6.0).reshape(3, 2)}
-    for mask in ({"a": True, "b": False}, lambda p: {"a": True, "b": False}):
+    masks = (
+        {"a": True, "b": False},
+        lambda p: {"a": True, "b": False},
+        {"a": np.bool_(True), "b": np.bool_(False)},  # e.g. from a NumPy comparison
+    )
+    for mask in masks:
       tx = optax_gc.centralize(mask=mask)
       out = self.variant(lambda g, tx=tx: _apply(tx, g)[0])(tree)
       np.testing.assert_allclose(out["a"], _np_gc(tree["a"], (-1,)), atol=1e-6)

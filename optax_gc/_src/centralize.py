@@ -107,7 +107,8 @@ def _is_candidate(leaf: Any, axis: Any, selected: Any, min_ndim: int) -> bool:
   Not a candidate: ``None``/``MaskedNode``, masked-out leaves, an
   ``output_axis`` of ``None``, non-floating dtypes and rank below ``min_ndim``.
   """
-  if _is_passthrough_node(leaf) or axis is None or selected is False:
+  masked_out = isinstance(selected, (bool, np.bool_)) and not selected
+  if _is_passthrough_node(leaf) or axis is None or masked_out:
     return False
   return bool(jnp.issubdtype(leaf.dtype, jnp.floating)) and leaf.ndim >= min_ndim
 
