@@ -59,8 +59,9 @@ class Config:
   eps: float = 1e-8
   schedule: str = "step"
   """``step`` (x ``step_factor`` at ``step_boundaries``), ``cosine`` or ``constant``."""
-  step_boundaries: tuple[float, ...] = (0.5, 0.75)
-  """Fractions of ``epochs`` at which the step schedule decays (200 epochs: 100 and 150)."""
+  step_boundaries: tuple[float, ...] = (0.3, 0.6, 0.9)
+  """Fractions of ``epochs`` at which the step schedule decays. The default is the GC code's
+  ``StepLR(step_size=60, gamma=0.1)`` over 200 epochs: lr / 10 at epochs 60, 120 and 180."""
   step_factor: float = 0.1
   warmup_epochs: float = 0.0
   """Linear warm-up from 0 over this many epochs (useful for large multi-device batches)."""

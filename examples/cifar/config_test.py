@@ -20,7 +20,7 @@ def test_defaults_are_the_papers_cifar_recipe() -> None:
       "cifar10", "resnet18", "sgd", "gc")
   assert (config.learning_rate, config.momentum, config.weight_decay, config.batch_size) == (
       0.1, 0.9, 5e-4, 128)
-  assert (config.epochs, config.schedule, config.step_boundaries) == (200, "step", (0.5, 0.75))
+  assert (config.epochs, config.schedule, config.step_boundaries) == (200, "step", (0.3, 0.6, 0.9))
 
 
 def test_flags_override_the_named_config() -> None:
@@ -50,3 +50,27 @@ def test_every_preset_resolves_and_says_how_to_run_it(name: str) -> None:
 def test_config_round_trips_through_json_dicts() -> None:
   config = Config(step_boundaries=(0.1,), train_subset=5).resolved()
   assert Config.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("name", ["default", "cifar100"])
+def test_paper_presets_use_the_gc_codes_step_lr(name: str) -> None:
+  # The GC authors' CIFAR script: StepLR(step_size=60, gamma=0.1) over 200 epochs, stepped once
+  # per epoch, so epoch e trains at 0.1 * 0.1 ** (e // 60).
+  from examples.cifar import train
+
+  config = configs.get_config(name).resolved()
+  steps_per_epoch = 391  # ceil(50,000 / 128)
+  lr = train.make_learning_rate(config, steps_per_epoch)
+  for epoch in range(config.epochs):
+    want = 0.1 * 0.1 ** (epoch // 60)
+    first, last = epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch - 1
+    assert float(lr(first)) == pytest.approx(want, rel=1e-6), epoch
+    assert float(lr(last)) == pytest.approx(want, rel=1e-6), epoch
+
+
+def test_resnet20_preset_keeps_he_et_als_schedule() -> None:
+  from examples.cifar import train
+
+  lr = train.make_learning_rate(configs.get_config("cifar10_resnet20").resolved(), 10)
+  assert [float(lr(e * 10)) for e in (0, 99, 100, 149, 150, 199)] == pytest.approx(
+      [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rel=1e-6)

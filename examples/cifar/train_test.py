@@ -109,7 +109,8 @@ def test_none_arm_is_the_gc_chain_minus_centralization(optimizer: str, location:
 
 
 def test_learning_rate_schedules() -> None:
-  step = train.make_learning_rate(Config(epochs=200).resolved(), steps_per_epoch=10)
+  step = train.make_learning_rate(
+      Config(epochs=200, step_boundaries=(0.5, 0.75)).resolved(), steps_per_epoch=10)
   assert [float(step(s)) for s in (0, 999, 1000, 1499, 1500)] == pytest.approx(
       [0.1, 0.1, 0.01, 0.01, 0.001])
   warm = train.make_learning_rate(

@@ -79,7 +79,9 @@ def gc_sgd(
     nesterov: whether to use Nesterov momentum.
     weight_decay: the coupled L2 coefficient :math:`\lambda`.
     conv_only: ``True`` centralizes only conv kernels (rank >= 3): the
-      paper's GCC. ``False`` centralizes dense kernels too (GC).
+      paper's GCC. ``False`` centralizes dense kernels too (GC). The
+      authors' code tests rank > 3, written for 2-D convs; here 1-D conv
+      kernels ``(k, in, out)`` count as conv kernels too.
     output_axis: which axis holds output units, see :func:`optax_gc.centralize`.
 
   Returns:

@@ -12,4 +12,4 @@ from examples.cifar.config import Config
 
 def get_config() -> Config:
   """ResNet-20 with weight decay 1e-4, as in He et al."""
-  return Config(model="resnet20", weight_decay=1e-4)
+  return Config(model="resnet20", weight_decay=1e-4, step_boundaries=(0.5, 0.75))
