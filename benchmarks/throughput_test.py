@@ -16,4 +16,5 @@ def test_throughput_tiny_synthetic(tmp_path, fast_compile):
   assert row["data"].startswith("synthetic")
   assert row["loop_images_per_s"] > 0 and row["bare_images_per_s"] > 0
   assert row["loop_over_bare"]["n_rounds"] == 2
+  assert 0 < row["loop_host_ms_per_step"] < 1e4 and 0 < row["bare_host_ms_per_step"] < 1e4
   assert saved["machine"]["backend"] == payload["machine"]["backend"]
