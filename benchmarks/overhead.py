@@ -68,7 +68,10 @@ def _optimizers() -> dict[str, dict[str, Callable[[], optax.GradientTransformati
 
   ``sgd_momentum`` and ``adam`` put the bare transform in front of the optimizer. ``gc_sgd_wd``
   and ``gc_adam_wd`` are the library's aliases with the paper's coupled weight decay (decay,
-  then GC, then the optimizer), against the same chain without GC.
+  then GC, then the optimizer), against the same chain without GC. ``gc_adamw_update`` is
+  ``gc_adamw(centralize_update=True)``, GC on AdamW's final update (decoupled decay 5e-4),
+  against ``optax.adamw``; its ``optax.centralize`` column puts ``optax.centralize()`` after
+  ``optax.adamw``.
   """
   sgd = lambda: optax.sgd(0.1, momentum=0.9)  # noqa: E731
   adam = lambda: optax.adam(1e-3)  # noqa: E731
@@ -93,6 +96,12 @@ def _optimizers() -> dict[str, dict[str, Callable[[], optax.GradientTransformati
           "plain": lambda: optax.chain(decay(), adam()),
           "optax_gc": lambda: optax_gc.gc_adam(1e-3, weight_decay=WD),
           "optax.centralize": lambda: optax.chain(decay(), optax.centralize(), adam()),
+      },
+      "gc_adamw_update": {
+          "plain": lambda: optax.adamw(1e-3, weight_decay=WD),
+          "optax_gc": lambda: optax_gc.gc_adamw(1e-3, weight_decay=WD, centralize_update=True),
+          "optax.centralize": lambda: optax.chain(optax.adamw(1e-3, weight_decay=WD),
+                                                  optax.centralize()),
       },
   }
 
@@ -315,9 +324,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--quick", action="store_true", help="fewer rounds (a smoke-level figure)")
   p.add_argument("--json", default=None, help="write the results to this JSON file")
   p.add_argument("--trees", default="resnet18,resnet50", help="models for the optimizer step")
-  p.add_argument("--optimizers", default="sgd_momentum,adam,gc_sgd_wd,gc_adam_wd",
+  p.add_argument("--optimizers", default="sgd_momentum,adam,gc_sgd_wd,gc_adam_wd,gc_adamw_update",
                  help="optimizers for the optimizer step: sgd_momentum, adam (bare transform), "
-                      "gc_sgd_wd, gc_adam_wd (the aliases, coupled weight decay 5e-4)")
+                      "gc_sgd_wd, gc_adam_wd (the aliases, coupled weight decay 5e-4), "
+                      "gc_adamw_update (gc_adamw with centralize_update=True)")
   p.add_argument("--train-models", default="resnet20,resnet18",
                  help="models for the whole train step ('' to skip)")
   p.add_argument("--batch", type=int, default=128)

@@ -165,6 +165,32 @@ class AgainstReferenceTest(parameterized.TestCase):
     np.testing.assert_allclose(updates["w"], -0.5 * jnp.ones((3, 2)), rtol=1e-6)
     np.testing.assert_array_equal(updates["b"], jnp.zeros(2))
 
+  @parameterized.named_parameters(
+      ("no_mask", None, 0.1),
+      ("tree_mask", {"conv": True, "dense": False, "bias": False}, 0.1),
+      ("callable_mask", lambda p: jax.tree.map(lambda x: x.ndim > 1, p), 0.1),
+      ("decay_schedule", None, optax.linear_schedule(0.1, 0.0, transition_steps=4)),
+  )
+  def test_gc_adamw_on_the_update_is_gc_of_the_adamw_update(self, mask, weight_decay):
+    # Phi applied to the whole AdamW update (decay included, mask respected), written
+    # literally: AdamW's own chain, then optax_gc.centralize on its output.
+    params = {k: jnp.asarray(v) for k, v in _flax_params().items()}
+    ours = optax_gc.gc_adamw(1e-2, 0.9, 0.99, 1e-8, weight_decay, mask=mask,
+                             centralize_update=True)
+    literal = optax.chain(
+        optax.scale_by_adam(0.9, 0.99, 1e-8),
+        optax.add_decayed_weights(weight_decay, mask),
+        optax.scale_by_learning_rate(1e-2),
+        optax_gc.centralize(),
+    )
+    s_ours, s_lit = ours.init(params), literal.init(params)
+    for t in range(4):
+      grads = {k: jnp.asarray(v) for k, v in _grads(_flax_params(), t).items()}
+      a, s_ours = jax.jit(ours.update)(grads, s_ours, params)
+      b, s_lit = jax.jit(literal.update)(grads, s_lit, params)
+      chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-8)
+      params = optax.apply_updates(params, a)
+
   def test_schedule_learning_rate(self):
     sched = optax.linear_schedule(1.0, 0.0, transition_steps=4)
     tx = optax_gc.gc_sgd(sched)
@@ -228,6 +254,9 @@ class WeightSpaceConstraintTest(parameterized.TestCase):
       ("sgd_coupled_decay", lambda: optax_gc.gc_sgd(0.05, 0.9, weight_decay=0.05)),
       ("adam_update", lambda: optax_gc.gc_adam(1e-2, weight_decay=1e-2, centralize_update=True)),
       ("adamw_update", lambda: optax_gc.gc_adamw(1e-2, weight_decay=0.1, centralize_update=True)),
+      ("adamw_update_masked", lambda: optax_gc.gc_adamw(
+          1e-2, weight_decay=0.1, mask=lambda p: jax.tree.map(lambda x: x.ndim > 2, p),
+          centralize_update=True)),
   )
   def test_fan_in_sum_is_constant(self, make):
     before, after = _train(make())

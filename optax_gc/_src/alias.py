@@ -118,10 +118,16 @@ def _placed(
     learning_rate: optax.ScalarOrSchedule,
     centralize_update: bool,
 ) -> optax.GradientTransformationExtraArgs:
-  """GC then ``core`` then the learning rate, or GC on the final update."""
+  """GC then ``core`` then the learning rate, or GC on ``core``'s output.
+
+  GC on the final update is applied before the learning-rate scaling, the same
+  update since both are linear: the means then read ``core``'s output, which
+  XLA stores anyway, not a second, scaled copy of it.
+  """
+  lr = optax.scale_by_learning_rate(learning_rate)
   if centralize_update:
-    return optax.chain(core, optax.scale_by_learning_rate(learning_rate), gc)
-  return optax.chain(gc, core, optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(core, gc, lr)
+  return optax.chain(gc, core, lr)
 
 
 def gc_adam(
@@ -263,10 +269,16 @@ def gc_adamw(
     Loshchilov and Hutter, `Decoupled Weight Decay Regularization
     <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
   """
-  core = optax.chain(
-      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-      optax.add_decayed_weights(weight_decay, mask),
-  )
-  gc = centralize(output_axis, min_ndim=_min_ndim(conv_only))
+  adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+  min_ndim = _min_ndim(conv_only)
+  gc = centralize(output_axis, min_ndim=min_ndim)
+  if centralize_update and not callable(weight_decay):
+    # Phi(u + wd*p) = Phi(u) + wd*Phi(p): the means read Adam's output and p,
+    # so XLA does not store u + wd*p, a second kernel-sized temporary.
+    decay = _centralized_decay(weight_decay, output_axis, min_ndim)
+    if mask is not None:
+      decay = optax.masked(decay, mask)
+    return optax.chain(adam, gc, decay, optax.scale_by_learning_rate(learning_rate))
+  core = optax.chain(adam, optax.add_decayed_weights(weight_decay, mask))
   return _placed(core, gc, learning_rate, centralize_update)
 
