@@ -20,7 +20,27 @@ def test_overhead_quick_tiny(tmp_path, fast_compile):
     assert row["plain_ms"] > 0 and row["floor_ms"] > 0
     assert row["optax_gc_ratio"]["median"] > 0 and row["optax.centralize_ratio"]["median"] > 0
   assert saved["train_step"][0]["model"] == "tiny"
+  assert saved["train_step"][0]["optimizer"] == "gc_sgd_wd"
   assert saved["train_step"][0]["optax_gc_ratio"]["n_rounds"] == 2
+  assert set(saved["optimizer_step"][0]["faults_per_step"]) == {
+      "plain", "optax_gc", "optax.centralize", "floor"}
+
+
+def test_page_fault_counter_sees_fresh_buffers():
+  # The counter the benchmark uses: a jitted function that returns a fresh 64 MiB array (above
+  # glibc's largest mmap threshold, so never recycled from the heap) touches about one new
+  # 4 KiB page per 4 KiB every call; one that only reads its input does not.
+  import jax
+  import jax.numpy as jnp
+
+  x = jnp.ones((4096, 4096))
+  read, fresh = jax.jit(lambda x: x.sum(0)), jax.jit(lambda x: x * 2.0)
+  for f in (read, fresh):
+    jax.block_until_ready(f(x))
+  # (Other threads of the process fault too, so compare the two rather than test for zero.)
+  faults_read = overhead.faults_per_call(lambda: read(x))
+  faults_fresh = overhead.faults_per_call(lambda: fresh(x))
+  assert faults_fresh > faults_read + 4096, (faults_read, faults_fresh)
 
 
 def test_gc_adds_one_reduction_per_kernel_and_no_other_pass():
