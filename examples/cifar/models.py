@@ -74,6 +74,20 @@ class _Shortcut(nnx.Module):
     return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (lo, self.extra_channels - lo)))
 
 
+def _shortcut(
+    in_ch: int, out_ch: int, stride: int, kind: Shortcut, rngs: nnx.Rngs
+) -> _Shortcut | None:
+  """The identity path: ``None`` if the block keeps the shape, else a :class:`_Shortcut`."""
+  if stride == 1 and in_ch == out_ch:
+    return None
+  return _Shortcut(in_ch, out_ch, stride, kind, rngs=rngs)
+
+
+def _residual(y: jax.Array, x: jax.Array, shortcut: _Shortcut | None, train: bool) -> jax.Array:
+  """``relu(y + identity)``, the identity being ``x`` or ``shortcut(x)``."""
+  return nnx.relu(y + (x if shortcut is None else shortcut(x, train)))
+
+
 class BasicBlock(nnx.Module):
   """Two 3x3 convs with BatchNorm and a residual connection (ResNet-18/34 and CIFAR ResNets)."""
 
@@ -87,15 +101,12 @@ class BasicBlock(nnx.Module):
     self.bn1 = _bn(width, rngs)
     self.conv2 = _conv(width, out_ch, 3, 1, rngs)
     self.bn2 = _bn(out_ch, rngs)
-    needs_shortcut = stride != 1 or in_ch != out_ch
-    self.shortcut = (
-        _Shortcut(in_ch, out_ch, stride, shortcut, rngs=rngs) if needs_shortcut else None)
+    self.shortcut = _shortcut(in_ch, out_ch, stride, shortcut, rngs)
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     y = nnx.relu(self.bn1(self.conv1(x), use_running_average=not train))
     y = self.bn2(self.conv2(y), use_running_average=not train)
-    identity = x if self.shortcut is None else self.shortcut(x, train)
-    return nnx.relu(y + identity)
+    return _residual(y, x, self.shortcut, train)
 
 
 class BottleneckBlock(nnx.Module):
@@ -113,16 +124,13 @@ class BottleneckBlock(nnx.Module):
     self.bn2 = _bn(width, rngs)
     self.conv3 = _conv(width, out_ch, 1, 1, rngs)
     self.bn3 = _bn(out_ch, rngs)
-    needs_shortcut = stride != 1 or in_ch != out_ch
-    self.shortcut = (
-        _Shortcut(in_ch, out_ch, stride, shortcut, rngs=rngs) if needs_shortcut else None)
+    self.shortcut = _shortcut(in_ch, out_ch, stride, shortcut, rngs)
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     y = nnx.relu(self.bn1(self.conv1(x), use_running_average=not train))
     y = nnx.relu(self.bn2(self.conv2(y), use_running_average=not train))
     y = self.bn3(self.conv3(y), use_running_average=not train)
-    identity = x if self.shortcut is None else self.shortcut(x, train)
-    return nnx.relu(y + identity)
+    return _residual(y, x, self.shortcut, train)
 
 
 class ResNet(nnx.Module):
