@@ -202,24 +202,25 @@ def resident_train_step(
 ) -> Any:
   """:func:`flat_train_step` that takes its batch from a dataset already on the devices.
 
-  ``leaves, totals, loss = resident_train_step(graphdef, treedef, augment, batch_sharding)(
+  ``leaves, totals, s, loss = resident_train_step(graphdef, treedef, augment, batch_sharding)(
   leaves, totals, data, idx, mask, s, rng, mean_std)``: ``data = (images, labels)`` and the
   epoch's ``idx``/``mask`` (``(steps, batch)``) are replicated on every device once per epoch;
-  step ``s`` gathers its rows on the device and shards them along ``data``. The host then sends
-  nothing but ``s`` per step, so a fast accelerator is never left waiting for batches.
-  ``totals`` accumulates the epoch's ``loss_sum``, ``correct`` and ``count`` on the device.
+  step ``s`` (an int32 scalar on the devices, returned as ``s + 1``) gathers its rows on the
+  device and shards them along ``data``. ``totals`` accumulates the epoch's ``loss_sum``,
+  ``correct`` and ``count`` on the device. So a step moves nothing between host and device, and
+  a fast accelerator is never left waiting for batches.
   """
 
   def step(leaves: list[jax.Array], totals: dict[str, jax.Array],
            data: tuple[jax.Array, jax.Array], idx: jax.Array, mask: jax.Array, s: jax.Array,
            rng: jax.Array, mean_std: jax.Array
-           ) -> tuple[list[jax.Array], dict[str, jax.Array], jax.Array]:
+           ) -> tuple[list[jax.Array], dict[str, jax.Array], jax.Array, jax.Array]:
     rows = idx[s]
     batch = Batch(data[0][rows], data[1][rows], mask[s])
     batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
     leaves, metrics = flat_step(leaves, batch, rng, mean_std)
     totals = {k: totals[k] + metrics[k] for k in totals}
-    return leaves, totals, metrics["loss"]
+    return leaves, totals, s + 1, metrics["loss"]
 
   flat_step = _flat_step_fn(graphdef, treedef, augment)
   return jax.jit(step, donate_argnums=0)
@@ -331,9 +332,11 @@ def train_epoch(
   """One pass over ``split`` (shuffled by ``(seed, epoch)``); returns mean loss and accuracy.
 
   The split lives on the devices (uploaded on first use) and each step gathers its batch there
-  (:func:`resident_train_step`). The host reads the loss only every ``log_every_steps`` steps,
-  and then the value of the previous such read, which is already computed: it never waits for
-  the device in the middle of an epoch.
+  (:func:`resident_train_step`); the step counter lives there too. After the epoch's indices are
+  uploaded, no step moves data between host and device (a test runs an epoch under
+  ``jax.transfer_guard("disallow")``). The host reads the loss only every ``log_every_steps``
+  steps, and then the value of the previous such read, which is already computed: it never waits
+  for the device in the middle of an epoch.
 
   Raises:
     TrainingDivergedError: the loss is not finite.
@@ -346,24 +349,27 @@ def train_epoch(
   step_fn = resident_train_step(graphdef, treedef, config.augment,
                                 NamedSharding(mesh, PartitionSpec("data")))
   names = ("loss_sum", "correct", "count")
-  totals = dict(zip(names, _replicated_on(mesh, *[np.zeros((), np.float32)] * 3), strict=True))
+  *zeros, s_dev = _replicated_on(mesh, *[np.zeros((), np.float32)] * 3, np.zeros((), np.int32))
+  totals = dict(zip(names, zeros, strict=True))
   pending: tuple[int, jax.Array, dict[str, jax.Array]] | None = None
   show = config.progress and jax.process_index() == 0
   try:
     with tqdm(total=len(idx), desc=f"epoch {epoch}/{config.epochs}", leave=False,
               disable=not show, dynamic_ncols=True) as bar:
       for s in range(len(idx)):
-        leaves, totals, loss = step_fn(leaves, totals, data, idx, mask, s, rng, mean_std)
+        leaves, totals, s_dev, loss = step_fn(leaves, totals, data, idx, mask, s_dev, rng,
+                                              mean_std)
         if (s + 1) % config.log_every_steps == 0:
           if pending is not None:  # Computed long ago: reading it does not stall the device.
-            _check_finite(float(pending[1]), epoch, pending[0])
-            bar.set_postfix(loss=f"{float(pending[1]):.4f}",
-                            acc=f"{_means(pending[2])['accuracy']:.3f}", refresh=False)
+            seen_loss, seen_totals = jax.device_get((pending[1], pending[2]))
+            _check_finite(float(seen_loss), epoch, pending[0])
+            bar.set_postfix(loss=f"{float(seen_loss):.4f}",
+                            acc=f"{_means(seen_totals)['accuracy']:.3f}", refresh=False)
           pending = (s + 1, loss, totals)
         bar.update()
   finally:  # The step donated the old arrays: hand the new ones back to the model.
     nnx.update((model, optimizer), jax.tree.unflatten(treedef, leaves))
-  _check_finite(float(loss), epoch, len(idx))
+  _check_finite(float(jax.device_get(loss)), epoch, len(idx))
   result = _means(totals)
   if not math.isfinite(result["loss"]):
     raise TrainingDivergedError(f"mean loss is {result['loss']} in epoch {epoch}")

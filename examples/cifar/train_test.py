@@ -7,15 +7,17 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import optax_gc
-from examples.cifar import compare, linen, train
+from examples.cifar import compare, input_pipeline, linen, models, train
 from examples.cifar.config import Config
 from examples.cifar.conftest import REPO_ROOT
 
@@ -117,6 +119,36 @@ def test_learning_rate_schedules() -> None:
       Config(epochs=10, schedule="cosine", warmup_epochs=1).resolved(), steps_per_epoch=4)
   assert [float(warm(s)) for s in (0, 3)] == pytest.approx([0.025, 0.1])
   assert float(warm(39)) < 0.01
+
+
+def test_epoch_moves_nothing_between_host_and_device_per_step_and_replays_its_batches() -> None:
+  """An epoch runs under ``transfer_guard("disallow")`` and equals stepping its batches by hand."""
+  config = dataclasses.replace(SMALL, train_subset=250, log_every_steps=2).resolved()  # 8 steps.
+  split = input_pipeline.stratified_subset(input_pipeline.load_dataset("digits").train, 250)
+  mesh = train.make_mesh()
+  mean_std = jnp.asarray([[8.0], [6.0]], jnp.float32)
+  rng = jax.random.key(3)
+
+  def fresh() -> tuple[Any, nnx.Optimizer]:
+    model = models.create_model("tiny", 10, 0)
+    return model, nnx.Optimizer(model, train.make_optimizer(config, 8), wrt=nnx.Param)
+
+  model, optimizer = fresh()
+  train.train_epoch(model, optimizer, mesh, split, config, 1, rng, mean_std)  # Compiles.
+  with jax.transfer_guard("disallow"):  # Explicit device_put/device_get only.
+    got = train.train_epoch(model, optimizer, mesh, split, config, 2, rng, mean_std)
+
+  model, optimizer = fresh()  # The same two epochs, one explicit batch at a time.
+  sums = []
+  for epoch in (1, 2):
+    idx, mask = input_pipeline.train_batches(250, 32, config.seed, epoch)
+    sums = [train.train_step(model, optimizer, input_pipeline.shard_batch(mesh, split, i, m), rng,
+                             mean_std) for i, m in zip(idx, mask, strict=True)]
+  totals = {k: sum(float(m[k]) for m in sums) for k in ("loss_sum", "correct", "count")}
+  assert totals["count"] == 250  # Each image once: the last of the 8 batches is partial.
+  assert got["loss"] == pytest.approx(totals["loss_sum"] / 250, rel=1e-5)
+  assert got["accuracy"] == pytest.approx(totals["correct"] / 250, abs=1e-6)
+  assert int(optimizer.step[...]) == 16
 
 
 def test_resume_after_kill_9_gives_identical_metrics(tmp_path: Path) -> None:
