@@ -273,7 +273,7 @@ class PassThroughTest(chex.TestCase):
         "empty_out": jnp.zeros((3, 0)),
         "fan_in_one": jnp.array([[1.0, 2.0, 3.0]]),  # (in=1, out=3)
         "axis_none": jnp.arange(6.0).reshape(2, 3),
-        "complex": jnp.ones((2, 2), jnp.complex64),
+        "bool_kernel": jnp.ones((2, 2), bool),
     }
     spec = {k: (None if k == "axis_none" else -1) for k in tree}
     tx = optax_gc.centralize(spec)
@@ -359,7 +359,8 @@ class ErrorTest(chex.TestCase):
       optax_gc.centralize(5).init({"w": jnp.ones((2, 3))})
 
 
-class PrecisionTest(chex.TestCase):
+class DtypeTest(chex.TestCase):
+  """Low precision, complex, NumPy and Python-scalar leaves."""
 
   @parameterized.parameters(jnp.bfloat16, jnp.float16)
   def test_low_precision_against_float32(self, dtype):
@@ -380,6 +381,26 @@ class PrecisionTest(chex.TestCase):
     naive = g - jnp.mean(g, axis=0, keepdims=True, dtype=dtype)
     naive_err = np.abs(np.asarray(naive, np.float64) - ref).max()
     self.assertGreater(naive_err, err.max())
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_complex_leaves_are_centralized_part_by_part(self):
+    re = jnp.arange(12.0).reshape(2, 3, 2) ** 2
+    im = jnp.cos(jnp.arange(12.0)).reshape(2, 3, 2)
+    g = {"w": (re + 1j * im).astype(jnp.complex64)}
+    out = self.variant(lambda g: _apply(optax_gc.centralize(), g)[0])(g)["w"]
+    self.assertEqual(out.dtype, jnp.complex64)
+    np.testing.assert_allclose(out.real, _np_gc(re, (-1,)), atol=1e-4)
+    np.testing.assert_allclose(out.imag, _np_gc(im, (-1,)), atol=1e-6)
+    np.testing.assert_allclose(out, optax.centralize().update(
+        jnp.moveaxis(g["w"], -1, 0), None)[0].transpose(1, 2, 0), atol=1e-4)
+
+  def test_python_scalar_and_numpy_leaves(self):
+    """Python scalars pass through; NumPy kernels are centralized with JAX's dtype rules."""
+    g = {"lr": 0.5, "w": np.arange(6.0).reshape(3, 2)}  # float64, with x64 off.
+    out, _ = _apply(optax_gc.centralize(), g)
+    self.assertEqual(out["lr"], 0.5)
+    self.assertEqual(out["w"].dtype, jnp.float32)
+    np.testing.assert_allclose(out["w"], _np_gc(g["w"], (-1,)), atol=1e-6)
 
 
 class RemovedFractionTest(chex.TestCase):

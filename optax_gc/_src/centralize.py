@@ -105,12 +105,15 @@ def _is_candidate(leaf: Any, axis: Any, selected: Any, min_ndim: int) -> bool:
   """Whether GC may act on ``leaf``, before its axes and sizes are looked at.
 
   Not a candidate: ``None``/``MaskedNode``, masked-out leaves, an
-  ``output_axis`` of ``None``, non-floating dtypes and rank below ``min_ndim``.
+  ``output_axis`` of ``None``, rank below ``min_ndim`` (Python scalars
+  included) and dtypes that are neither real nor complex floating.
   """
   masked_out = isinstance(selected, (bool, np.bool_)) and not selected
   if _is_passthrough_node(leaf) or axis is None or masked_out:
     return False
-  return bool(jnp.issubdtype(leaf.dtype, jnp.floating)) and leaf.ndim >= min_ndim
+  if np.ndim(leaf) < min_ndim:
+    return False
+  return bool(jnp.issubdtype(jnp.result_type(leaf), jnp.inexact))
 
 
 def _reduced_axes(
@@ -186,7 +189,7 @@ def _apply_leaf(
   axes = _reduced_axes(path, g, axis, selected, min_ndim)
   if axes is None:
     return default(g)
-  return fn(g, axes)
+  return fn(jnp.asarray(g), axes)  # NumPy leaves get JAX's dtype rules.
 
 
 def _map_leaves(
@@ -270,11 +273,13 @@ def centralize(
   ========================================  ====================
 
   These leaves pass through bit for bit: rank below ``min_ndim`` (biases, norm
-  scales); non-floating dtypes; ``None`` and ``optax.MaskedNode``; zero-size
-  leaves; leaves whose fan-in has one element (GC would zero them, e.g. an
-  Equinox conv bias ``(C, 1, 1)`` with ``output_axis=0``); masked-out leaves
-  and leaves whose ``output_axis`` is ``None``. For ``bfloat16``/``float16``
+  scales); integer and boolean dtypes; ``None`` and ``optax.MaskedNode``;
+  zero-size leaves; leaves whose fan-in has one element (GC would zero them,
+  e.g. an Equinox conv bias ``(C, 1, 1)`` with ``output_axis=0``); masked-out
+  leaves and leaves whose ``output_axis`` is ``None``. For ``bfloat16``/``float16``
   the mean is accumulated in ``float32`` and the result has the input dtype.
+  Complex leaves are centralized like real ones (the real and imaginary parts
+  each get zero mean), as ``optax.centralize()`` does.
 
   Args:
     output_axis: the axis, or tuple of axes, that indexes output units; the
