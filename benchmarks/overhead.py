@@ -201,7 +201,8 @@ def optimizer_step_bench(
 def hlo_passes(tx: optax.GradientTransformation, params: Any, grads: Any) -> dict[str, int]:
   """Counts, in the compiled optimizer step, the kernels launched and the reductions among them.
 
-  Each top-level fusion is one pass over its operands. GC should add exactly one reduction per
+  Each top-level fusion is one pass over its operands. ``reduces_before_first_update`` counts
+  the reductions the schedule runs before the first kernel-sized elementwise update. GC should add exactly one reduction per
   centralized leaf (the per-unit means, a read of the gradient) and fold the subtraction into
   the optimizer's existing elementwise fusion: no other new pass.
   """
@@ -218,9 +219,14 @@ def hlo_passes(tx: optax.GradientTransformation, params: Any, grads: Any) -> dic
     head = block.strip().split(" ", 1)[0]
     if head.startswith("%") and " reduce(" in block:
       reduce_bodies.add(head)
-  n_reduce = sum(any(f"calls={b}," in c or c.endswith(f"calls={b}") for b in reduce_bodies)
-                 for c in calls)
-  return {"fusions": len(calls), "reduce_fusions": n_reduce}
+  is_reduce = [any(f"calls={b}," in c or c.endswith(f"calls={b}") for b in reduce_bodies)
+               for c in calls]
+  # Kernel-sized elementwise updates: non-reduce fusions with an output of rank >= 2.
+  updates = [i for i, (c, r) in enumerate(zip(calls, is_reduce, strict=True))
+             if not r and "," in c.split("=", 1)[1].split("]", 1)[0]]
+  first_update = updates[0] if updates else len(calls)
+  return {"fusions": len(calls), "reduce_fusions": sum(is_reduce),
+          "reduces_before_first_update": sum(is_reduce[:first_update])}
 
 
 def hlo_report(models: list[str]) -> list[dict[str, Any]]:
@@ -235,8 +241,10 @@ def hlo_report(models: list[str]) -> list[dict[str, Any]]:
         rows.append({"tree": model, "optimizer": opt_name, "variant": variant,
                      "kernels": n_kernels, **hlo_passes(tx, params, params)})
   _bench.print_table(
-      ["tree", "optimizer", "variant", "kernel leaves", "fusions (passes)", "reduce fusions"],
-      [[r["tree"], r["optimizer"], r["variant"], r["kernels"], r["fusions"], r["reduce_fusions"]]
+      ["tree", "optimizer", "variant", "kernel leaves", "fusions (passes)", "reduce fusions",
+       "reduces before the first kernel update"],
+      [[r["tree"], r["optimizer"], r["variant"], r["kernels"], r["fusions"], r["reduce_fusions"],
+        r["reduces_before_first_update"]]
        for r in rows])
   return rows
 
