@@ -139,8 +139,7 @@ def test_epoch_moves_nothing_between_host_and_device_per_step_and_replays_its_ba
     got = train.train_epoch(model, optimizer, mesh, split, config, 2, rng, mean_std)
 
   model, optimizer = fresh()  # The same two epochs, one explicit batch at a time.
-  sums = []
-  for epoch in (1, 2):
+  for epoch in (1, 2):  # `sums` keeps epoch 2's per-step sums.
     idx, mask = input_pipeline.train_batches(250, 32, config.seed, epoch)
     sums = [train.train_step(model, optimizer, input_pipeline.shard_batch(mesh, split, i, m), rng,
                              mean_std) for i, m in zip(idx, mask, strict=True)]
