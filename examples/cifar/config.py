@@ -152,7 +152,8 @@ _FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
                                             help="train on a stratified subset of N images")),
     "--augment": ("augment", dict(choices=AUGMENTATIONS,
                                   help="on-device augmentation: random crop (pad 4) and flip")),
-    "--model": ("model", dict(help="resnet20|32|56, resnet18|34|50, resnet8, tiny")),
+    "--model": ("model", dict(help="resnet20|32|56, resnet18|34|50, resnet8, tiny, "
+                                      "vit_tiny, vit_test")),
     "--optimizer": ("optimizer", dict(choices=OPTIMIZERS)),
     "--gc": ("gc", dict(choices=GC_MODES,
                         help="none: plain Optax; gc: conv+dense kernels; gcc: conv kernels only")),

@@ -1,4 +1,4 @@
-"""Trains a ResNet with optax_gc on CIFAR-10/100 or digits: data-parallel, resumable, logged.
+"""Trains a ResNet or ViT with optax_gc on CIFAR-10/100 or digits: data-parallel, resumable.
 
 Run ``python -m examples.cifar.train --help`` (the README has the commands). From Python::
 
@@ -265,11 +265,17 @@ def gc_removed_share(
 
 
 def _summarize_shares(shares: dict[str, float]) -> str:
-  """``stem 0.21 | stage1 0.15 | ... | head 0.03``: mean share per part of the network."""
+  """``stem 0.21 | stage1 0.15 | ... | head 0.03``: mean share per part of the network.
+
+  ResNet stages are ``stage1, ...``, ViT blocks ``block1, ...``; other parts go by their name.
+  """
   groups: dict[str, list[float]] = collections.defaultdict(list)
   for name, share in shares.items():
     parts = name.split("/")
-    key = f"stage{int(parts[1]) + 1}" if parts[0] == "stages" else parts[0].removesuffix("_conv")
+    if parts[0] in ("stages", "blocks"):
+      key = f"{parts[0][:-1]}{int(parts[1]) + 1}"
+    else:
+      key = parts[0].removesuffix("_conv")
     groups[key].append(share)
   order = sorted(groups, key=lambda k: (k != "stem", k == "head", k))  # stem, stages, head.
   return " | ".join(f"{k} {np.mean(groups[k]):.3f}" for k in order)
@@ -585,8 +591,8 @@ def main(argv: list[str] | None = None) -> int:
   """Parses flags, trains, prints the summary; returns the exit status."""
   parser = argparse.ArgumentParser(
       prog="python -m examples.cifar.train",
-      description="Train a ResNet with Gradient Centralization (optax_gc) on CIFAR-10/100 or "
-                  "the offline digits set. Rerun with the same --workdir to resume.")
+      description="Train a ResNet or ViT with Gradient Centralization (optax_gc) on CIFAR-10/100 "
+                  "or the offline digits set. Rerun with the same --workdir to resume.")
   add_flags(parser)
   parser.add_argument("--workdir", help="output folder (default: workdirs/cifar/<dataset>_"
                                         "<model>_<optimizer>_<gc>_seed<seed>)")
