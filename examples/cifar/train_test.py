@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,6 +109,35 @@ def test_none_arm_is_the_gc_chain_minus_centralization(optimizer: str, location:
     np.testing.assert_array_equal(updates["gcc"]["w"], updates["none"]["w"])  # GCC: convs only.
     assert not np.allclose(updates["gc"]["w"], updates["none"]["w"])
     params = optax.apply_updates(params, updates["none"])
+
+
+@pytest.mark.parametrize("optimizer, location", [
+    ("sgd", "gradient"), ("adam", "gradient"), ("adam", "update"), ("adamw", "gradient"),
+    ("adamw", "update")])
+def test_optax_axes_put_optax_centralize_in_gcs_place(optimizer: str, location: str) -> None:
+  """``gc_axes="optax"`` is the optax_gc alias with ``optax.centralize()`` (axis 0) for GC."""
+  params = {"w": jnp.arange(12.0).reshape(3, 4) / 10, "b": jnp.ones(4)}
+  base = Config(optimizer=optimizer, gc_location=location, epochs=10, weight_decay=1e-2)
+  tx = train.make_optimizer(dataclasses.replace(base, gc_axes="optax"), 5)
+  axis0 = train.make_optimizer(dataclasses.replace(base, gc_axes="last"), 5, output_axis=0)
+  last = train.make_optimizer(dataclasses.replace(base, gc_axes="last"), 5)
+  txs = {"optax": tx, "axis0": axis0, "last": last}
+  states = {k: t.init(params) for k, t in txs.items()}
+  for step in range(3):
+    # Signs vary along both axes, so Adam's first step (about -lr * sign(g)) has no fixed mean.
+    grads = jax.tree.map(lambda p, s=step: jnp.sin(p * 10 * (s + 3)) + 0.1, params)
+    updates = {}
+    for k, t in txs.items():
+      updates[k], states[k] = t.update(grads, states[k], params)
+    got, other = updates["optax"], updates["last"]
+    chex.assert_trees_all_close(got, updates["axis0"], rtol=1e-5, atol=1e-7)
+    assert not np.allclose(got["w"], other["w"])  # Not the default axis.
+    params = optax.apply_updates(params, got)
+
+
+def test_optax_axes_have_no_gcc_form() -> None:
+  with pytest.raises(ValueError, match="gc_axes='optax' has no conv-only"):
+    train.make_optimizer(Config(gc="gcc", gc_axes="optax"), 5)
 
 
 def test_learning_rate_schedules() -> None:
