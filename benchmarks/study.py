@@ -62,6 +62,9 @@ ARMS: dict[str, dict[str, Any]] = {
     "adam_gc": {"optimizer": "adam", "gc": "gc"},
     "adamw": {"optimizer": "adamw", "gc": "none"},
     "adamw_gc_update": {"optimizer": "adamw", "gc": "gc", "gc_location": "update"},
+    # GC with the axis a Flax user gets from Optax today: optax.centralize() keeps axis 0 (the
+    # PyTorch rule), so on a (kh, kw, in, out) kernel it averages across output channels.
+    "sgd_gc_optax": {"optimizer": "sgd", "gc": "gc", "gc_axes": "optax"},
 }
 
 # The seeds planned before any result was seen. Seeds beyond these may be added, to every arm
@@ -75,12 +78,15 @@ PAIRS: list[tuple[str, str]] = [
     ("sgd_gc", "sgd_gcc"),  # GC minus GCC: the effect of centralizing the dense head alone
     ("adam_gc", "adam"),
     ("adamw_gc_update", "adamw"),
+    ("sgd_gc_optax", "sgd_gc"),
+    ("sgd_gc_optax", "sgd"),
 ]
 
 ARM_LABELS = {
     "sgd": "SGD-M", "sgd_gc": "SGD-M + GC", "sgd_gcc": "SGD-M + GCC",
     "adam": "Adam", "adam_gc": "Adam + GC",
     "adamw": "AdamW", "adamw_gc_update": "AdamW + GC (update)",
+    "sgd_gc_optax": "SGD-M + optax.centralize()",
 }
 
 
@@ -279,7 +285,7 @@ def plot_curves(runs: dict[str, dict[int, dict[str, Any]]], path: Path) -> None:
   import matplotlib.ticker
   import numpy as np
 
-  groups = [("SGD momentum", ["sgd", "sgd_gc", "sgd_gcc"]), ("Adam", ["adam", "adam_gc"]),
+  groups = [("SGD momentum", ["sgd", "sgd_gc", "sgd_gcc", "sgd_gc_optax"]), ("Adam", ["adam", "adam_gc"]),
             ("AdamW", ["adamw", "adamw_gc_update"])]
   fig, axes = plt.subplots(2, 3, figsize=(13, 7), sharex=True)
   for col, (title, arms) in enumerate(groups):
