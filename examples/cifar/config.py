@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["Config", "OPTIMIZERS", "GC_MODES", "GC_LOCATIONS", "GC_AXES", "SCHEDULES",
-           "AUGMENTATIONS", "BOOKKEEPING_FIELDS", "add_flags", "config_from_flags"]
+           "AUGMENTATIONS", "BOOKKEEPING_FIELDS", "DATASET_CONFIGS", "add_flags", "config_name",
+           "config_from_flags"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 GC_MODES = ("none", "gc", "gcc")
@@ -198,9 +199,11 @@ _FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def add_flags(parser: argparse.ArgumentParser, *, skip: Sequence[str] = ()) -> None:
   """Adds ``--config`` and one flag per :class:`Config` field (except those in ``skip``)."""
-  parser.add_argument("--config", default="default",
+  parser.add_argument("--config", default=None,
                       help="starting config, a module in examples/cifar/configs "
-                           "(default, digits, cifar10_resnet20, cifar100)")
+                           "(default, digits, cifar10_resnet20, cifar100); if not given, the "
+                           "--dataset's own (cifar10: default, cifar100: cifar100, digits: "
+                           "digits), else default")
   group = parser.add_argument_group(
       "config overrides", "Each flag replaces one field of the --config; [brackets] show the "
       "field's default in Config (configs/default.py).")
@@ -217,11 +220,22 @@ def add_flags(parser: argparse.ArgumentParser, *, skip: Sequence[str] = ()) -> N
                       help="call jax.distributed.initialize() first (multi-host runs)")
 
 
+DATASET_CONFIGS = {"cifar10": "default", "cifar100": "cifar100", "digits": "digits"}
+"""The starting config a bare ``--dataset`` picks: that dataset's sensible defaults."""
+
+
+def config_name(args: argparse.Namespace) -> str:
+  """The starting config: ``--config`` if given, else the ``--dataset``'s, else ``default``."""
+  if args.config is not None:
+    return args.config
+  return DATASET_CONFIGS.get(getattr(args, "dataset", None) or "cifar10", "default")
+
+
 def config_from_flags(args: argparse.Namespace) -> Config:
-  """The ``--config`` starting point with every flag the user gave applied, resolved."""
+  """The starting config (:func:`config_name`) with every flag the user gave applied, resolved."""
   from examples.cifar import configs  # Late import: configs import this module.
 
-  config = configs.get_config(args.config)
+  config = configs.get_config(config_name(args))
   overrides = {
       field: getattr(args, field)
       for field, _ in _FLAGS.values()

@@ -34,6 +34,18 @@ def test_flags_override_the_named_config() -> None:
   assert config.gc_axes == "last"
 
 
+def test_a_bare_dataset_picks_its_own_config() -> None:
+  digits = _parse("--dataset", "digits")
+  assert digits == configs.get_config("digits").resolved()  # ResNet-8, 6 epochs: not ResNet-18.
+  assert (digits.model, digits.epochs, digits.batch_size) == ("resnet8", 6, 32)
+  assert _parse("--dataset", "cifar100") == configs.get_config("cifar100").resolved()
+  assert _parse("--dataset", "cifar10") == _parse()  # The paper's CIFAR recipe.
+  # An explicit --config wins; --dataset then only replaces the dataset.
+  mixed = _parse("--config", "cifar10_resnet20", "--dataset", "cifar100")
+  assert (mixed.model, mixed.dataset) == ("resnet20", "cifar100")
+  assert _parse("--dataset", "digits", "--epochs", "2").epochs == 2
+
+
 def test_bad_values_are_clear_errors() -> None:
   with pytest.raises(ValueError, match="optimizer must be one of"):
     Config(optimizer="lion").resolved()
