@@ -202,9 +202,9 @@ def hlo_passes(tx: optax.GradientTransformation, params: Any, grads: Any) -> dic
   """Counts, in the compiled optimizer step, the kernels launched and the reductions among them.
 
   Each top-level fusion is one pass over its operands. ``reduces_before_first_update`` counts
-  the reductions the schedule runs before the first kernel-sized elementwise update. GC should add exactly one reduction per
-  centralized leaf (the per-unit means, a read of the gradient) and fold the subtraction into
-  the optimizer's existing elementwise fusion: no other new pass.
+  the reductions the schedule runs before the first kernel-sized elementwise update. GC should
+  add exactly one reduction per centralized leaf (the per-unit means, a read of the gradient)
+  and fold the subtraction into the optimizer's existing elementwise fusion: no other new pass.
   """
 
   def step(p, s, g):
