@@ -100,7 +100,7 @@ class _Use:
         "inconsistent": "no consistent output axes",
         "unfollowable": "cannot be followed",
     }[self.kind]
-    return f"{self.detail}: {implied} (at {self.where})"
+    return f"{self.detail}: {implied}" + (f" (at {self.where})" if self.where else "")
 
 
 def _union(sets: Iterable[Axes]) -> Axes:
@@ -128,12 +128,13 @@ def _map_origins(info: _Info, fn: Callable[[_Origin], _Origin]) -> _Info:
 
 
 def _where(eqn: Any) -> str:
+  """The user's source line that emitted ``eqn`` (``""`` if unknown), for error messages."""
   try:
     from jax._src import source_info_util
 
     return source_info_util.summarize(eqn.source_info)
   except Exception:  # pragma: no cover - private API moved: the location is only a courtesy.
-    return "?"
+    return ""
 
 
 def _sub_jaxpr(eqn: Any) -> tuple[Any, list[Any]] | None:
@@ -158,6 +159,14 @@ class _Interpreter:
     self.centralize_lookups = centralize_lookups
     self.uses: dict[int, dict[_Use, None]] = collections.defaultdict(dict)
     self._quiet = 0  # > 0 while a loop's carry is still being solved: record nothing yet.
+    self._outer: list[str] = []  # where the enclosing call-like equations are, innermost last
+
+  def where(self, eqn: Any) -> str:
+    """Where ``eqn`` is in the user's code, or else where its enclosing call is."""
+    here = _where(eqn)
+    if here:
+      return here
+    return next((w for w in reversed(self._outer) if w), "")
 
   # -- recording ---------------------------------------------------------------------------------
 
@@ -169,7 +178,7 @@ class _Interpreter:
     """Every parameter carried by ``infos`` reaches the activations here, with no contraction."""
     for info in infos:
       for p in info.origins:
-        self.record(p, _Use(kind, None, detail, _where(eqn)))
+        self.record(p, _Use(kind, None, detail, self.where(eqn)))
 
   def contraction(self, origin: _Origin, param: int, contracting: Sequence[int], eqn: Any,
                   name: str, kind: str = "contraction") -> None:
@@ -179,9 +188,9 @@ class _Interpreter:
     detail = f"{name}, contracting {_sorted(fan_in)}"
     if fan_in & output:
       self.record(param, _Use("inconsistent", None, f"{name}: axes {_sorted(fan_in & output)} "
-                              "are both contracted and kept", _where(eqn)))
+                              "are both contracted and kept", self.where(eqn)))
     else:
-      self.record(param, _Use(kind, _sorted(output), detail, _where(eqn)))
+      self.record(param, _Use(kind, _sorted(output), detail, self.where(eqn)))
 
   def join(self, infos: Sequence[_Info], eqn: Any, what: str) -> _Info:
     """Elementwise combination: the union of origins, or an activation if any input is one."""
@@ -219,6 +228,15 @@ class _Interpreter:
         env[v] = info
     return [read(v) for v in jaxpr.outvars]
 
+  def run_inside(self, eqn: Any, jaxpr: Any, consts: Sequence[_Info], args: Sequence[_Info]
+                 ) -> list[_Info]:
+    """Runs the sub-jaxpr of ``eqn``, whose location stands in for its equations' unknown ones."""
+    self._outer.append(_where(eqn))
+    try:
+      return self.run(jaxpr, consts, args)
+    finally:
+      self._outer.pop()
+
   def apply(self, eqn: Any, ins: list[_Info]) -> list[_Info]:
     name = eqn.primitive.name
     rule = _RULES.get(name)
@@ -228,13 +246,13 @@ class _Interpreter:
       sub = _sub_jaxpr(eqn)
       if sub is not None:
         jaxpr, consts = sub
-        return self.run(jaxpr, [_CONST] * len(consts), ins)
+        return self.run_inside(eqn, jaxpr, [_CONST] * len(consts), ins)
     detail = f"{name} (no rule for this primitive)"
     if name in _OPAQUE:
       detail = f"{name} (an opaque kernel: what it does with the parameter is not visible)"
     for info in ins:
       for p in info.origins:
-        self.record(p, _Use("unfollowable", None, detail, _where(eqn)))
+        self.record(p, _Use("unfollowable", None, detail, self.where(eqn)))
     return [_TAINTED if any(i.tainted for i in ins) else _CONST] * len(eqn.outvars)
 
   def solve_loop(self, body: Callable[[list[_Info]], list[_Info]], carry: list[_Info],
@@ -303,7 +321,8 @@ def _elementwise(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info
 def _unfollowable(interp: _Interpreter, eqn: Any, ins: list[_Info], why: str) -> list[_Info]:
   for info in ins:
     for p in info.origins:
-      interp.record(p, _Use("unfollowable", None, f"{eqn.primitive.name} ({why})", _where(eqn)))
+      interp.record(p, _Use("unfollowable", None, f"{eqn.primitive.name} ({why})",
+                            interp.where(eqn)))
   return [_TAINTED if any(i.tainted for i in ins) else _CONST] * len(eqn.outvars)
 
 
@@ -473,7 +492,7 @@ def _lookup(interp: _Interpreter, eqn: Any, operand: _Info, fan_in: Sequence[int
       interp.contraction(o, p, fan_in, eqn, f"{eqn.primitive.name} (lookup)", kind="lookup")
     else:
       interp.record(p, _Use("lookup", None, f"{eqn.primitive.name} (lookup at data indices)",
-                            _where(eqn)))
+                            interp.where(eqn)))
 
 
 def _contract(interp: _Interpreter, eqn: Any, ins: list[_Info], contracting: Sequence[
@@ -544,7 +563,7 @@ def _scan(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
   consts_in = [_CONST] * len(body.consts)
 
   def step(c: list[_Info]) -> list[_Info]:
-    return interp.run(body.jaxpr, consts_in, [*consts, *c, *xs])
+    return interp.run_inside(eqn, body.jaxpr, consts_in, [*consts, *c, *xs])
 
   carry = interp.solve_loop(step, list(carry), eqn)
   ys = step(carry)[ncarry:]
@@ -560,8 +579,8 @@ def _while(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
   cond, body = p["cond_jaxpr"], p["body_jaxpr"]
 
   def step(c: list[_Info]) -> list[_Info]:
-    interp.run(cond.jaxpr, [_CONST] * len(cond.consts), [*cconsts, *c])
-    return interp.run(body.jaxpr, [_CONST] * len(body.consts), [*bconsts, *c])
+    interp.run_inside(eqn, cond.jaxpr, [_CONST] * len(cond.consts), [*cconsts, *c])
+    return interp.run_inside(eqn, body.jaxpr, [_CONST] * len(body.consts), [*bconsts, *c])
 
   return interp.solve_loop(step, list(carry), eqn)
 
@@ -570,7 +589,8 @@ def _while(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
 def _cond(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
   if ins[0].origins:
     return _unfollowable(interp, eqn, ins, "a parameter as the branch index")
-  outs = [interp.run(b.jaxpr, [_CONST] * len(b.consts), ins[1:]) for b in eqn.params["branches"]]
+  outs = [interp.run_inside(eqn, b.jaxpr, [_CONST] * len(b.consts), ins[1:])
+          for b in eqn.params["branches"]]
   merged = [interp.join(list(vals), eqn, "cond output") for vals in zip(*outs, strict=True)]
   if ins[0].tainted:  # a data-dependent choice between parameter values is an activation
     merged = [interp.join([m, _TAINTED], eqn, "data-dependent cond") if m.origins else m
