@@ -50,7 +50,7 @@ class Config:
   """``none`` (plain Optax), ``gc`` (conv and dense kernels) or ``gcc`` (conv kernels only)."""
   gc_location: str = "gradient"
   """Centralize the ``gradient`` (the paper) or the final ``update`` (same as gradient for SGD)."""
-  gc_axes: str = "last"
+  gc_axes: str = "inferred"
   """Which axes of each parameter index its output units (GC averages over the others):
   ``inferred`` reads them from the model (``optax_gc.nnx_output_axes``), ``last`` uses
   ``output_axis=-1`` (right for Flax dense and conv kernels, wrong for attention's
