@@ -89,6 +89,8 @@ class Study:
   """Paragraphs after the computed verdicts: the paper's claims, caveats (``str.format``-ed with
   the protocol's ``train_subset`` and ``epochs``)."""
   default_seeds: tuple[int, ...]
+  share_arms: tuple[str, ...] = ()
+  """Arms whose first-step GC diagnostics the report tabulates (one column each)."""
 
 
 _PAPER = (
@@ -187,6 +189,7 @@ RESNET20 = Study(
         "is visible.",
     ),
     default_seeds=(0, 1, 2),
+    share_arms=("sgd_gc", "sgd_gcc", "sgd_gc_optax"),
 )
 
 STUDIES: dict[str, Study] = {s.name: s for s in (RESNET20,)}
@@ -468,6 +471,30 @@ def _protocol_line(study: Study, runs: dict[str, dict[int, dict[str, Any]]]
   return proto, problems
 
 
+def first_step_shares(study: Study, runs: dict[str, dict[int, dict[str, Any]]]
+                      ) -> dict[str, tuple[dict[str, float], list[int]]]:
+  """Per arm of ``study.share_arms``: the mean share of the first batch's gradient norm that GC
+  removes, per kind of kernel (path without block indices), over the seeds that logged it."""
+  out = {}
+  for arm in study.share_arms:
+    per_group: dict[str, list[float]] = {}
+    seeds = []
+    for seed, rec in sorted(runs.get(arm, {}).items()):
+      diag = [d for d in rec.get("gc_diagnostics") or [] if d.get("epoch") == 1]
+      if not diag:
+        continue
+      seeds.append(seed)
+      run_groups: dict[str, list[float]] = {}
+      for name, share in diag[0]["shares"].items():
+        group = "/".join(p for p in name.split("/") if not p.isdigit())
+        run_groups.setdefault(group, []).append(share)
+      for group, xs in run_groups.items():
+        per_group.setdefault(group, []).append(statistics.fmean(xs))
+    if seeds:
+      out[arm] = ({g: statistics.fmean(xs) for g, xs in per_group.items()}, seeds)
+  return out
+
+
 def _fmt_ci(d: dict[str, Any], scale: float = 100.0, digits: int = 2) -> str:
   lo, hi = d["ci95"]
   f = f"+.{digits}f"
@@ -566,6 +593,23 @@ def write_report(study: Study, out_dir: Path) -> Path:
   if runs:
     L.append("## Curves\n")
     L.append(f"![training loss and test accuracy per epoch]({study.plot})\n")
+  shares = first_step_shares(study, runs)
+  if shares:
+    L.append("## Where GC acts at the first step\n")
+    L.append("Share of the first batch's loss-gradient norm that GC removes, `‖mean component‖ "
+             "/ ‖g‖` (`optax_gc.gc_removed_fraction` with the arm's axes, logged by the example "
+             "at epoch 1 before the first step), per kind of kernel (mean over its layers), mean "
+             "over the seeds that logged it. 0 means GC leaves that gradient as it is; a leaf "
+             "the arm's axes leave alone reads 0, and one the arm skips by rank reads –.\n")
+    groups = list(dict.fromkeys(g for table, _ in shares.values() for g in table))
+    L.append("| parameter | " + " | ".join(
+        f"{study.labels[a]} (seeds {','.join(map(str, s))})" for a, (_, s) in shares.items())
+             + " |")
+    L.append("|---|" + "---|" * len(shares))
+    for g in groups:
+      cells = [f"{t[g]:.3f}" if g in t else "–" for t, _ in shares.values()]
+      L.append(f"| `{g}` | " + " | ".join(cells) + " |")
+    L.append("")
 
   L.append("## Verdict, and the paper's claims\n")
   L.extend(verdicts(study, s))

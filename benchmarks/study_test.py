@@ -43,6 +43,11 @@ def test_study_runs_resumes_and_reports(tmp_path, fast_compile):
   study.main(["--report-only", "--out-dir", str(tmp_path)])
   text = (tmp_path / "results.md").read_text()
   assert "JPEG-decoded copy" in text and "SGD-M + GC vs SGD-M" in text
+  assert "| `head/kernel` | " in text  # The first-step GC shares of the GC arm.
+  shares, seeds = study.first_step_shares(RESNET20, study.load_runs(tmp_path, RESNET20))["sgd_gc"]
+  assert seeds == [0, 1] and set(shares) == {"stem_conv/kernel", "stages/conv1/kernel",
+                                               "stages/conv2/kernel", "head/kernel"}
+  assert all(0 < v < 1 for v in shares.values())
   assert (tmp_path / "study_curves.png").stat().st_size > 0
   (pair,) = study.summarize(RESNET20, study.load_runs(tmp_path, RESNET20))["pairs"]
   assert pair["seeds"] == [0, 1] and len(pair["final"]["per_seed"]) == 2
