@@ -192,7 +192,85 @@ RESNET20 = Study(
     share_arms=("sgd_gc", "sgd_gcc", "sgd_gc_optax"),
 )
 
-STUDIES: dict[str, Study] = {s.name: s for s in (RESNET20,)}
+_SEEDS5 = (0, 1, 2, 3, 4)
+
+VIT = Study(
+    name="vit",
+    title="Gradient Centralization on a Vision Transformer with AdamW, CIFAR-10 (JPEG-decoded "
+          "copy)",
+    # PILOT: fixed from AdamW alone before any GC arm ran (see the report's protocol section).
+    protocol={
+        "dataset": "cifar10",
+        "model": "vit_tiny",
+        "train_subset": 10_000,  # stratified, the same subset for every seed and arm
+        "epochs": 8,
+        "batch_size": 128,
+        "optimizer": "adamw",
+        "learning_rate": 1e-3,
+        "weight_decay": 0.05,
+        "schedule": "cosine",
+        "warmup_epochs": 1.0,
+        "augment": "crop_flip",
+    },
+    arms={
+        "adamw": {"gc": "none"},
+        "adamw_gc": {"gc": "gc", "gc_axes": "inferred"},
+        "adamw_gc_last": {"gc": "gc", "gc_axes": "last"},
+        "adamw_gc_update": {"gc": "gc", "gc_axes": "inferred", "gc_location": "update"},
+    },
+    labels={
+        "adamw": "AdamW", "adamw_gc": "AdamW + GC (inferred axes)",
+        "adamw_gc_last": "AdamW + GC (axis -1)",
+        "adamw_gc_update": "AdamW + GC on the update (inferred axes)",
+    },
+    pairs=(
+        Pair("adamw_gc", "adamw", _SEEDS5),
+        Pair("adamw_gc_last", "adamw", _SEEDS5),
+        Pair("adamw_gc_last", "adamw_gc", _SEEDS5),
+        Pair("adamw_gc_update", "adamw", _SEEDS5),
+    ),
+    plot_groups=(("AdamW, GC on the gradient", ("adamw", "adamw_gc", "adamw_gc_last")),
+                 ("AdamW, GC on the update", ("adamw", "adamw_gc_update"))),
+    runs_dir="study_vit",
+    report="results_vit.md",
+    plot="study_vit_curves.png",
+    model_note=(
+        "`vit_tiny`: 0.55M parameters, 4x4 patches (64 tokens), width 128, 4 pre-LayerNorm "
+        "blocks of `nnx.MultiHeadAttention` with 4 heads and a GELU MLP of width 256, learned "
+        "position embeddings, mean pooling, no dropout"),
+    budget_note=(
+        "The budget (about 6 minutes per run on 2 idle CPU cores) forced a short schedule; "
+        "these are *short-budget* results, far from converged."),
+    optimizer_note=(
+        "Optimizer: AdamW (b1 0.9, b2 0.999, eps 1e-8), decoupled weight decay on every "
+        "parameter, the same for every arm; the protocol (subset, epochs, learning rate, "
+        "warm-up, weight decay) was fixed on AdamW alone before any GC arm ran. GC acts on "
+        "kernels only (rank >= 2). *Inferred axes*: each parameter's output axes read from the "
+        "model by `optax_gc.nnx_output_axes`: the q/k/v kernels `(in, heads, head_dim)` keep "
+        "`(heads, head_dim)`, every other kernel its last axis; biases, LayerNorm parameters and "
+        "the position table are left alone. *Axis -1*: the library's default "
+        "`output_axis=-1`, which on the q/k/v kernels keeps only `head_dim` and averages across "
+        "heads, and also centralizes the rank-2 q/k/v biases `(heads, head_dim)` across heads "
+        "and the position table `(1, 64, 128)` across positions. *On the update*: "
+        "`centralize_update=True`, GC on AdamW's final update (decay included), inferred axes. "
+        "Nothing was tuned for any GC arm."),
+    pairs_note=(
+        "'AdamW + GC (axis -1) vs AdamW + GC (inferred axes)' is what the wrong axes cost (or "
+        "gain) a ViT user who keeps the default."),
+    closing=(
+        _PAPER,
+        "Caveat on the attention kernels: in a pre-LayerNorm block the q/k/v and MLP-input "
+        "kernels read a LayerNorm output, which has zero mean over the features while the "
+        "LayerNorm's scale and bias are at their initial values, so the gradients of those "
+        "kernels start with (almost) zero fan-in mean and GC on the right axes does little there "
+        "(table above); the default -1 instead averages across heads, which is not zero. The "
+        "study measures the net effect, not why.",
+    ),
+    default_seeds=_SEEDS5,
+    share_arms=("adamw_gc", "adamw_gc_last"),
+)
+
+STUDIES: dict[str, Study] = {s.name: s for s in (RESNET20, VIT)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -537,7 +615,8 @@ def write_report(study: Study, out_dir: Path) -> Path:
            "training images (the same subset for every run); evaluation on the **full 10,000-image "
            "test set** after every epoch.")
   warmup = cfg.get("warmup_epochs", proto.get("warmup_epochs", 0.0)) or 0.0
-  warm = f"after a linear warm-up over {warmup:g} epochs" if warmup else "no warm-up"
+  warm = (f"after a linear warm-up over {warmup:g} epoch{'' if warmup == 1 else 's'}" if warmup
+          else "no warm-up")
   augment = {"crop_flip": "random crop (pad 4) + horizontal flip", "crop": "random crop (pad 4)",
              "none": "no augmentation"}[cfg.get("augment", "crop_flip")]
   L.append(f"- {proto.get('epochs')} epochs, batch {proto.get('batch_size')}, "
@@ -635,6 +714,36 @@ def write_report(study: Study, out_dir: Path) -> Path:
   return path
 
 
+def _reading(d: dict[str, Any]) -> str:
+  lo, hi = d["ci95"]
+  if math.isnan(lo):
+    return "one seed"
+  return "within noise" if lo <= 0 <= hi else ("better here" if lo > 0 else "worse here")
+
+
+def headline(out_dir: Path, studies: tuple[Study, ...] | None = None) -> str:
+  """The README's headline table: every study's comparisons, from the run files alone.
+
+  One row per pair: the mean paired difference in final test accuracy and its 95% interval over
+  every seed run (and over the planned seeds, where fewer), and its reading.
+  """
+  rows = ["| study | comparison | Δ test accuracy, points: mean [95% CI] | seeds | reading |",
+          "| --- | --- | --- | --- | --- |"]
+  for study in studies or tuple(STUDIES.values()):
+    s = summarize(study, load_runs(out_dir, study))
+    planned = {(p["treatment"], p["baseline"]): p for p in s["pairs_planned"]}
+    for p in s["pairs"]:
+      cell = _fmt_ci(p["final"], digits=1)
+      q = planned.get((p["treatment"], p["baseline"]))
+      if q:
+        seeds = ",".join(map(str, q["seeds"]))
+        cell += f" (planned seeds {seeds}: {_fmt_ci(q['final'], digits=1)})"
+      rows.append(f"| {study.name} | {study.labels[p['treatment']]} vs "
+                  f"{study.labels[p['baseline']]} | {cell} | {len(p['seeds'])} | "
+                  f"{_reading(p['final'])} |")
+  return "\n".join(rows)
+
+
 def verdicts(study: Study, s: dict[str, Any]) -> list[str]:
   """Plain-language reading of each paired interval, computed, not hand-written."""
   out = []
@@ -666,6 +775,8 @@ def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   p.add_argument("--study", default="resnet20", choices=sorted(STUDIES))
   p.add_argument("--report-only", action="store_true", help="only rebuild the report")
+  p.add_argument("--headline", action="store_true",
+                 help="only print the README's headline table (every study), from the files")
   p.add_argument("--out-dir", default=str(ROOT / "docs"),
                  help="where the run files, the report and the plot go (default: docs/)")
   p.add_argument("--workdir", default=str(ROOT / "workdirs" / "study"),
@@ -686,6 +797,9 @@ def main(argv: list[str] | None = None) -> None:
 
   study = STUDIES[a.study]
   out_dir = Path(a.out_dir)
+  if a.headline:
+    print(headline(out_dir))
+    return
   if not a.report_only:
     protocol = dict(study.protocol)
     for k in ("dataset", "model", "epochs", "train_subset"):

@@ -261,6 +261,23 @@ def test_resume_after_kill_9_gives_identical_metrics(tmp_path: Path) -> None:
     train.train_and_evaluate(dataclasses.replace(SMALL, learning_rate=0.5), interrupted)
 
 
+def test_the_quickstart_run_twice_at_once_gives_identical_metrics(tmp_path: Path) -> None:
+  """Two fresh processes, competing for the cores, run the quickstart's recipe (``--config
+  digits``, XLA's default optimizations, 2 epochs on 256 images): the same metrics, bit for bit.
+  So on one machine and one set of package versions the quickstart table does not depend on
+  thread scheduling or load."""
+  cmd = [sys.executable, "-m", "examples.cifar.train", "--config", "digits", "--epochs", "2",
+         "--train-subset", "256", "--progress", "false", "--seed", "1"]
+  env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+  runs = [subprocess.Popen([*cmd, "--workdir", str(tmp_path / str(i))], cwd=REPO_ROOT, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+          for i in range(2)]
+  for run in runs:
+    assert run.wait(timeout=240) == 0, run.stderr.read()[-2000:]
+  first, second = (_without_timing(_metrics(tmp_path / str(i))) for i in range(2))
+  assert len(first) == 2 and first == second
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(
     tmp_path: Path) -> None:
   # The step schedule multiplies the learning rate by 1e38 after epoch 1: the loss blows up.
