@@ -114,3 +114,9 @@ def test_optax_centralize_equals_optax_gc_axis0_on_resnet20():
                      strict=True):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
     assert (x.ndim > 1) == (not np.allclose(g, x))  # Every kernel is centralized by both.
+
+
+def test_readme_headline_table_comes_from_the_committed_run_files():
+  readme = (study.ROOT / "README.md").read_text()
+  table = study.headline(study.ROOT / "docs")
+  assert table in readme, "rerun: python -m benchmarks.study --headline, and paste into README"
