@@ -188,6 +188,8 @@ class _Interpreter:
     fan_in = _union(origin.dims[d] for d in contracting) | origin.mixed
     output = _union(s for d, s in enumerate(origin.dims) if d not in contracting) | origin.indexed
     detail = f"{name}, contracting {_sorted(fan_in)}"
+    if origin.indexed:
+      detail += f", stacked along {_sorted(origin.indexed)}"
     if fan_in & output:
       self.record(param, _Use("inconsistent", None, f"{name}: axes {_sorted(fan_in & output)} "
                               "are both contracted and kept", self.where(eqn)))
