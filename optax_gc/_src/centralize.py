@@ -1,7 +1,7 @@
 """Layout-aware Gradient Centralization as an Optax gradient transformation.
 
-The layout rule (which axis holds the output units for Flax, Haiku, Keras,
-Equinox and PyTorch-style trees) is stated once, in :func:`centralize`.
+Which axes are the fan-in is read from the model by :func:`optax_gc.infer_output_axes`; the
+table of common layouts in :func:`centralize` is a reference for giving them by hand.
 """
 
 from collections.abc import Callable
@@ -36,44 +36,95 @@ def _describe(path: Any, leaf: Any) -> str:
   return f"leaf {jax.tree_util.keystr(path) or '<root>'} with shape {shape}"
 
 
-def _broadcast_spec(
+def _covered(path: tuple[Any, ...], prefixes: set[tuple[Any, ...]]) -> bool:
+  return any(tuple(path[:i]) in prefixes for i in range(len(path) + 1))
+
+
+def _broadcast_prefix(
     spec: Any,
+    updates: Any,
     paths_leaves: list[tuple[Any, Any]],
-    treedef: Any,
     name: str,
     is_leaf: Callable[[Any], bool],
 ) -> list[Any]:
-  """Returns ``spec`` as one entry per leaf of the updates (a prefix broadcast).
+  """Returns the tree ``spec`` as one entry per leaf of the updates.
 
-  ``paths_leaves`` and ``treedef`` are the flattened updates. A single value
-  applies to every leaf; a tree must match the structure of the updates. On a
-  mismatch the error names the first leaf that differs.
+  ``spec`` is a prefix of the updates' structure: each of its leaves applies to the whole
+  subtree of the updates at that place (e.g. to the array inside an ``nnx.Variable``). On a
+  mismatch the error names the first leaf of the updates that has no entry.
   """
-  if is_leaf(spec):
-    return [spec] * len(paths_leaves)
+  spec_leaves, spec_def = jax.tree_util.tree_flatten(spec, is_leaf=is_leaf)
   try:
-    return treedef.flatten_up_to(spec)
+    subtrees = spec_def.flatten_up_to(updates)
   except (ValueError, TypeError) as e:
-    spec_paths = {
-        jax.tree_util.keystr(p)
-        for p, _ in jax.tree_util.tree_flatten_with_path(spec, is_leaf=is_leaf)[0]
+    prefixes = {
+        tuple(p) for p, _ in jax.tree_util.tree_flatten_with_path(spec, is_leaf=is_leaf)[0]
     }
-    missing = [
-        (p, x) for p, x in paths_leaves if jax.tree_util.keystr(p) not in spec_paths
-    ]
+    missing = [(p, x) for p, x in paths_leaves if not _covered(tuple(p), prefixes)]
     where = _describe(*missing[0]) if missing else "the tree's structure"
     raise ValueError(
         f"optax_gc: the `{name}` tree does not match the structure of the "
         f"updates: no entry for {where}. Give one entry per leaf of the "
         f"updates (or a callable params -> such a tree). Details: {e}"
     ) from None
+  out = []
+  for value, sub in zip(spec_leaves, subtrees, strict=True):
+    out.extend([value] * len(jax.tree_util.tree_leaves(sub, is_leaf=_is_passthrough_node)))
+  return out
 
 
-def _resolve(spec: Any, updates: Any, params: Any) -> Any:
-  """Calls a callable spec on the params (or the updates if none are given)."""
+def _per_leaf(
+    spec: Any,
+    updates: Any,
+    params: Any,
+    paths_leaves: list[tuple[Any, Any]],
+    name: str,
+    is_leaf: Callable[[Any], bool],
+) -> list[Any]:
+  """``spec`` (one value, a tree, or a callable ``params -> tree``) as one entry per leaf.
+
+  A value whose structure fits the updates is a tree even when it is callable, as an Equinox
+  module is; only a callable that is not such a tree is called (on the params, or on the
+  updates when there are none).
+  """
+  if is_leaf(spec):
+    return [spec] * len(paths_leaves)
+  if not _is_pytree_leaf(spec, is_leaf):
+    try:
+      return _broadcast_prefix(spec, updates, paths_leaves, name, is_leaf)
+    except ValueError:
+      leaves = jax.tree_util.tree_leaves(spec, is_leaf=is_leaf)
+      if not callable(spec) or (leaves and all(is_leaf(x) for x in leaves)):
+        _check_spec_type(spec, name)
+        raise  # A tree of specs (callable or not, like an Equinox module) that does not fit.
   if callable(spec) and not isinstance(spec, jax.Array):
-    return spec(updates if params is None else params)
-  return spec
+    spec = spec(updates if params is None else params)
+    if is_leaf(spec):
+      return [spec] * len(paths_leaves)
+  _check_spec_type(spec, name)
+  return _broadcast_prefix(spec, updates, paths_leaves, name, is_leaf)
+
+
+def _is_pytree_leaf(x: Any, is_leaf: Callable[[Any], bool] | None = None) -> bool:
+  return jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(x, is_leaf=is_leaf))
+
+
+def _check_spec_type(spec: Any, name: str) -> None:
+  """Raises a clear error for a whole-tree spec of the wrong type (a list of ints, a float)."""
+  if name == "output_axis" and isinstance(spec, list) and spec and all(
+      isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in spec
+  ):
+    raise ValueError(
+        f"optax_gc: output_axis {spec!r} is a list, which JAX reads as a pytree with one "
+        f"entry per leaf, not as a set of axes. Write the tuple {tuple(spec)!r}."
+    )
+  if _is_pytree_leaf(spec):
+    expected = "an int, a tuple of ints, None" if name == "output_axis" else "a bool, None"
+    raise ValueError(
+        f"optax_gc: `{name}` must be {expected}, a pytree of those with the structure of "
+        f"the updates, or a callable params -> such a pytree; got {spec!r} "
+        f"({type(spec).__name__})."
+    )
 
 
 def _normalize_axes(axis: Any, path: Any, leaf: jax.Array) -> tuple[int, ...]:
@@ -207,18 +258,12 @@ def _map_leaves(
   paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(
       updates, is_leaf=_is_passthrough_node
   )
-  axes = _broadcast_spec(
-      _resolve(output_axis, updates, params), paths_leaves, treedef, "output_axis",
-      _is_axis_leaf,
-  )
+  axes = _per_leaf(output_axis, updates, params, paths_leaves, "output_axis", _is_axis_leaf)
   masks = (
       [True] * len(axes)
       if mask is None
-      else _broadcast_spec(
-          _resolve(mask, updates, params),
-          paths_leaves,
-          treedef,
-          "mask",
+      else _per_leaf(
+          mask, updates, params, paths_leaves, "mask",
           lambda x: x is None or isinstance(x, (bool, np.bool_)),
       )
   )
@@ -261,16 +306,23 @@ def centralize(
   Unlike ``optax.centralize()``, which keeps axis 0 as PyTorch stores
   ``(out, in, kh, kw)``, the default ``output_axis=-1`` keeps the *last* axis,
   which is where Flax, Haiku and Keras store output units (``(in, out)`` and
-  ``(kh, kw, in, out)``):
+  ``(kh, kw, in, out)``). Many layers need other axes; read them from the model
+  with :func:`optax_gc.infer_output_axes`, which returns a spec this function
+  takes as it is. For reference:
 
-  ========================================  ====================
-  Layout                                    ``output_axis``
-  ========================================  ====================
-  Flax/Haiku/Keras Dense, Conv, Flax ConvT  ``-1``
-  Haiku ``ConvTranspose``                   ``-2``
-  Flax ``DenseGeneral`` ``(in, H, D)``      ``(1, 2)``
-  PyTorch-style, Equinox                    ``0``
-  ========================================  ====================
+  ===========================================================  ==================
+  Layout                                                       ``output_axis``
+  ===========================================================  ==================
+  Flax/Haiku/Keras Dense and Conv ``(..., in, out)``           ``-1``
+  Haiku/Keras ConvTranspose, Flax ``transpose_kernel=True``    ``-2``
+  attention q/k/v, ``DenseGeneral`` ``(in, heads, head_dim)``  ``(1, 2)``
+  ``nnx.Einsum('btd,ndh->btnh')`` ``(heads, in, head_dim)``    ``(0, 2)``
+  a scanned or stacked layer ``(L, in, out)``                  ``(0, 2)``
+  Keras ``DepthwiseConv2D`` ``(kh, kw, in, multiplier)``       ``(2, 3)``
+  PyTorch-style and Equinox ``(out, in, ...)``                 ``0``
+  PyTorch ``ConvTranspose2d`` ``(in, out, kh, kw)``            ``1``
+  biases of any rank, norm scales, lookup-only embeddings      ``None``
+  ===========================================================  ==================
 
   These leaves pass through bit for bit: rank below ``min_ndim`` (biases, norm
   scales); integer and boolean dtypes; ``None`` and ``optax.MaskedNode``;
@@ -284,16 +336,18 @@ def centralize(
   Args:
     output_axis: the axis, or tuple of axes, that indexes output units; the
       mean is taken over all the others. Either one value for every leaf, a
-      pytree with the structure of the updates whose leaves are an int, a tuple
-      of ints or ``None`` (leave that leaf alone), or a callable
+      pytree whose leaves are an int, a tuple of ints or ``None`` (leave that
+      leaf alone) and whose structure is a prefix of the updates' (one entry
+      may cover an ``nnx.Variable`` or a sub-tree; a tree that is callable, as
+      an Equinox module is, is still a tree), or a callable
       ``params -> such a pytree`` (called on the updates when ``update`` gets
-      no params). An integer array (as ``optax.inject_hyperparams`` passes it)
-      is accepted too.
+      no params). :func:`optax_gc.infer_output_axes` returns such a pytree. An
+      integer array (as ``optax.inject_hyperparams`` passes it) is accepted too.
     min_ndim: leaves of lower rank pass through. ``2`` is the paper's GC
       (dense and conv kernels); ``3`` is GCC (conv kernels only).
-    mask: a pytree of bools with the structure of the updates, or a callable
-      ``params -> such a pytree``, as in ``optax.masked``; ``False`` leaves pass
-      through.
+    mask: a pytree of bools (a prefix of the updates' structure, as for
+      ``output_axis``), or a callable ``params -> such a pytree``, as in
+      ``optax.masked``; ``False`` leaves pass through.
 
   Returns:
     A :class:`optax.GradientTransformation` object. Its state is
