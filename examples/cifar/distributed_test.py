@@ -28,21 +28,24 @@ from examples.cifar.conftest import REPO_ROOT
 RUN = ["--config", "digits", "--model", "tiny", "--train-subset", "256", "--epochs", "2"]
 STEPS_PER_EPOCH = 8
 TRAIN = [sys.executable, "-m", "examples.cifar.train"]
-# The same command, SIGKILLing its own process just before training step number argv[1].
-KILLED_AT_STEP = [sys.executable, "-c", (
-    "import os, signal, sys\n"
+# The same command, but just before training step number argv[1] it creates the file argv[2] and
+# waits there, for the test to kill it.
+_PAUSING = (
+    "import sys, time\n"
     "from examples.cifar import train\n"
-    "die_at, calls, real = int(sys.argv.pop(1)), [0], train.resident_train_step\n"
-    "def step_then_maybe_die(*args):\n"
+    "pause_at, marker = int(sys.argv.pop(1)), sys.argv.pop(1)\n"
+    "calls, real = [0], train.resident_train_step\n"
+    "def step_or_pause(*args):\n"
     "  step = real(*args)\n"
     "  def counted(*a):\n"
     "    calls[0] += 1\n"
-    "    if calls[0] == die_at:\n"
-    "      os.kill(os.getpid(), signal.SIGKILL)\n"
+    "    if calls[0] == pause_at:\n"
+    "      open(marker, 'w').close()\n"
+    "      time.sleep(3600)\n"
     "    return step(*a)\n"
     "  return counted\n"
-    "train.resident_train_step = step_then_maybe_die\n"
-    "sys.exit(train.main(sys.argv[1:]))\n")]
+    "train.resident_train_step = step_or_pause\n"
+    "sys.exit(train.main(sys.argv[1:]))\n")
 TIMEOUT = 300
 """Seconds a launch may take on a loaded 2-core machine (about 15 s when the machine is idle)."""
 TIMING_KEYS = {"seconds", "images_per_sec"}
@@ -82,12 +85,19 @@ def _manual(process: int, port: int) -> list[str]:
           "--process-id", str(process)]
 
 
-def _run_all(logdir: Path, launches: list[tuple[list[str], dict[str, str]]]) -> list[Finished]:
+def _pausing_at_step(step: int, marker: Path) -> list[str]:
+  return [sys.executable, "-c", _PAUSING, str(step), str(marker)]
+
+
+def _run_all(logdir: Path, launches: list[tuple[list[str], dict[str, str]]],
+             kill_when_paused: dict[int, Path] | None = None) -> list[Finished]:
   """Starts every ``(argv, env)`` at once and waits for all, killing them all past the deadline.
 
-  Their output goes to ``logdir/<i>.out`` and ``.err``.
+  Their output goes to ``logdir/<i>.out`` and ``.err``. ``kill_when_paused`` maps launches (run
+  with :func:`_pausing_at_step`) to their marker files: once every marker exists, those launches
+  get SIGKILL, all at the same moment.
   """
-  logdir.mkdir(parents=True)
+  logdir.mkdir(parents=True, exist_ok=True)
   logs = [logdir / str(i) for i in range(len(launches))]
   procs, files = [], []
   try:
@@ -97,6 +107,10 @@ def _run_all(logdir: Path, launches: list[tuple[list[str], dict[str, str]]]) -> 
       procs.append(subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=out, stderr=err))
     deadline, ended = time.monotonic() + TIMEOUT, [None] * len(procs)
     while None in ended and time.monotonic() < deadline:
+      if kill_when_paused and all(m.exists() for m in kill_when_paused.values()):
+        for i in kill_when_paused:
+          procs[i].send_signal(signal.SIGKILL)
+        kill_when_paused = None
       for i, p in enumerate(procs):
         if ended[i] is None and p.poll() is not None:
           ended[i] = time.monotonic()
@@ -128,15 +142,16 @@ def _without_timing(records: list[dict]) -> list[dict]:
 def test_two_processes_train_like_one_process_on_two_devices_and_resume_after_kill_9(
     tmp_path: Path) -> None:
   one, two = tmp_path / "one_process", tmp_path / "two_processes"
-  # Two processes as `srun` starts them, both SIGKILLed just before epoch 2's first step, and
-  # beside them the uninterrupted reference: one process with two devices.
-  port = _free_port()
-  reference, *killed = _run_all(tmp_path / "srun_killed_and_one_process", [
+  # Two processes as `srun` starts them, both SIGKILLed once both wait before epoch 2's first
+  # step, and beside them the uninterrupted reference: one process with two devices.
+  port, logs = _free_port(), tmp_path / "srun_killed_and_one_process"
+  paused = {1: logs / "paused0", 2: logs / "paused1"}
+  reference, *killed = _run_all(logs, [
       (TRAIN + RUN + ["--workdir", str(one)],
        _env(XLA_FLAGS="--xla_force_host_platform_device_count=2")),
-      *[(KILLED_AT_STEP + [str(STEPS_PER_EPOCH + 1)] + RUN
+      *[(_pausing_at_step(STEPS_PER_EPOCH + 1, paused[i + 1]) + RUN
          + ["--distributed", "--workdir", str(two)], _slurm_env(i, port)) for i in range(2)],
-  ])
+  ], kill_when_paused=paused)
   assert reference.returncode == 0, reference.stderr[-3000:]
   assert [r.returncode for r in killed] == [-signal.SIGKILL] * 2, killed[0].stderr[-3000:]
   assert [r["epoch"] for r in _metrics(two)] == [1]
@@ -171,10 +186,11 @@ def test_two_processes_train_like_one_process_on_two_devices_and_resume_after_ki
 
 def test_a_killed_process_stops_the_other_with_a_one_line_error(tmp_path: Path) -> None:
   port, flags = _free_port(), ["--workdir", str(tmp_path / "w"), "--distributed-timeout", "30"]
+  paused = tmp_path / "logs" / "paused"
   survivor, victim = _run_all(tmp_path / "logs", [
       (TRAIN + RUN + _manual(0, port) + flags, _env()),
-      (KILLED_AT_STEP + ["3"] + RUN + _manual(1, port) + flags, _env()),
-  ])
+      (_pausing_at_step(3, paused) + RUN + _manual(1, port) + flags, _env()),
+  ], kill_when_paused={1: paused})
   assert victim.returncode == -signal.SIGKILL
   assert survivor.returncode == 1, survivor.stderr[-3000:]
   last = survivor.stderr.strip().splitlines()[-1]
