@@ -40,17 +40,15 @@ def _fast_compiles() -> Iterator[None]:
     jax.config.update("jax_disable_most_optimizations", previous)
 
 
-def _randomize(key: jax.Array, tree: Any) -> Any:
+def _randomize(rng: np.random.Generator, tree: Any) -> Any:
   """Replaces every floating array leaf of ``tree`` by standard normal values."""
-  leaves, treedef = jax.tree_util.tree_flatten(tree)
-  keys = jax.random.split(key, max(len(leaves), 1))
-  out = []
-  for k, x in zip(keys, leaves, strict=False):
+
+  def draw(x):
     if hasattr(x, "shape") and jnp.issubdtype(jnp.result_type(x), jnp.floating):
-      out.append(jax.random.normal(k, np.shape(x), jnp.result_type(x)))
-    else:
-      out.append(x)
-  return jax.tree_util.tree_unflatten(treedef, out)
+      return rng.standard_normal(np.shape(x)).astype(jnp.result_type(x))
+    return x
+
+  return jax.tree_util.tree_map(draw, tree)
 
 
 def reach(
@@ -90,11 +88,11 @@ def reach(
     return jax.jacfwd(lambda v: fn(v, *jax.tree_util.tree_unflatten(treedef, full)))(w_)
 
   pattern = None
+  rng = np.random.default_rng(seed)
   with _fast_compiles():
-    for key in jax.random.split(jax.random.key(seed), draws):
-      kw, ka = jax.random.split(key)
-      arrays = [x for a, x in zip(is_array, _randomize(ka, leaves), strict=True) if a]
-      jac = np.asarray(jac_fn(jax.random.normal(kw, shape, dtype), arrays))
+    for _ in range(draws):
+      arrays = [x for a, x in zip(is_array, _randomize(rng, leaves), strict=True) if a]
+      jac = np.asarray(jac_fn(rng.standard_normal(shape).astype(dtype), arrays))
       y_ndim = jac.ndim - len(shape)
       feats = sorted({a % y_ndim for a in feature_axes})
       if len(feats) != len(feature_axes):

@@ -1,0 +1,394 @@
+"""``optax_gc.infer_output_axes`` against the Jacobian truth, on real framework layers.
+
+Each case is one real layer (Flax NNX, Flax Linen, Haiku, Equinox, Keras 3 on
+JAX). For every parameter it holds three things:
+
+- ``expected``: the output axes written by hand, as documentation;
+- ``truths``: the output axes measured by ``_truth`` from the Jacobian of the
+  direct output of the sub-computation that owns the parameter (the
+  framework's own submodule: ``mha.query`` in NNX, ``capture_intermediates`` in
+  Linen, ``intercept_methods`` in Haiku, ``mha.query_proj`` in Equinox, a
+  Keras sublayer); for stacked layers, each layer on the same input (the
+  single-layer module vmapped over the stack);
+- the forward of the **whole** layer, which inference traces.
+
+``test_truth`` checks the hand table against the Jacobian, ``test_inference``
+checks inference against the hand table, so inference equals the truth for
+every parameter. ``test_default_is_wrong`` lists where ``centralize()``'s
+default ``output_axis=-1`` is wrong.
+"""
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+import _truth
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax_gc
+
+Spec = tuple[int, ...] | None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compiles():
+  """Initializers and tiny Jacobians compile faster with XLA's optimizations off."""
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def _is_spec(x: Any) -> bool:
+  return x is None or (isinstance(x, tuple) and all(isinstance(a, int) for a in x))
+
+
+def _key(path: Any) -> str:
+  """``layers/0/kernel``; an NNX ``Variable``'s trailing ``/value`` is dropped."""
+  key = jax.tree_util.keystr(path, simple=True, separator="/")
+  return key.removesuffix("/value")
+
+
+def _flat(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> dict[str, Any]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+  return {_key(p): x for p, x in leaves}
+
+
+def _replace(tree: Any, key: str, value: Any) -> Any:
+  """``tree`` with its leaf at ``key`` (a :func:`_key` string) replaced by ``value``."""
+  found = []
+
+  def swap(path, x):
+    if _key(path) == key:
+      found.append(key)
+      return value
+    return x
+
+  out = jax.tree_util.tree_map_with_path(swap, tree)
+  assert found == [key], (key, list(_flat(tree)))
+  return out
+
+
+def measure(
+    fn: Callable[..., Any], params: Any, key: str, *inputs: Any, features=(-1,)
+) -> Callable[[], Spec]:
+  """The Jacobian truth of leaf ``key`` of ``params`` in ``fn(params, *inputs)`` (lazy).
+
+  Each draw randomizes the leaf, every other floating leaf of ``params`` and
+  the floating ``inputs``.
+  """
+  leaf = _flat(params)[key]
+
+  def apply(w, p, *xs):
+    return fn(_replace(p, key, w), *xs)
+
+  return lambda: _truth.output_axes(apply, leaf, params, *inputs, feature_axes=features)
+
+
+def measure_all(fn, params, *inputs, features=(-1,)) -> dict[str, Callable[[], Spec]]:
+  """:func:`measure` for every leaf of ``params``, all owned by ``fn`` itself."""
+  return {k: measure(fn, params, k, *inputs, features=features) for k in _flat(params)}
+
+
+@dataclasses.dataclass
+class Layer:
+  """A real layer: the whole forward for inference, and the truth of each parameter."""
+
+  fn: Callable[..., Any]  # the whole layer's forward, fn(params, *args)
+  params: Any
+  args: tuple[Any, ...]
+  expected: dict[str, Spec]  # per parameter: the output axes, by hand
+  truths: dict[str, Callable[[], Spec]]  # per parameter: the Jacobian truth
+  default_wrong: tuple[str, ...]  # where centralize()'s default output_axis=-1 is wrong
+  infer_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+CASES: dict[str, Callable[[], Layer]] = {}
+
+
+def case(fn: Callable[[], Layer]) -> Callable[[], Layer]:
+  CASES[fn.__name__] = fn
+  return fn
+
+
+def _x(*shape: int) -> jax.Array:
+  return jax.random.normal(jax.random.key(sum(shape)), shape)
+
+
+_TOKENS = jnp.arange(6).reshape(2, 3)  # every row of a 6-row table is looked up.
+
+
+# ------------------------------------------------------------------------------------------
+# Flax NNX
+# ------------------------------------------------------------------------------------------
+
+
+def _nnx(module, method: str = "__call__"):
+  """``(fn, params)``: the module as a function of its ``nnx.Param`` state."""
+  from flax import nnx
+
+  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+  def fn(p, *args):
+    return getattr(nnx.merge(graphdef, p, rest), method)(*args)
+
+  return fn, params
+
+
+def _nnx_whole(module, *args, features=(-1,), expected, default_wrong=(), **kw) -> Layer:
+  fn, params = _nnx(module)
+  return Layer(fn, params, args, expected, measure_all(fn, params, *args, features=features),
+               default_wrong, **kw)
+
+
+@case
+def nnx_linear():
+  from flax import nnx
+
+  m = nnx.Linear(4, 5, rngs=nnx.Rngs(0))
+  return _nnx_whole(m, _x(2, 3, 4), expected={"kernel": (1,), "bias": None})
+
+
+@case
+def nnx_conv1d():
+  from flax import nnx
+
+  m = nnx.Conv(3, 6, kernel_size=(3,), rngs=nnx.Rngs(0))
+  return _nnx_whole(m, _x(2, 7, 3), expected={"kernel": (2,), "bias": None})
+
+
+@case
+def nnx_conv2d_grouped():
+  from flax import nnx
+
+  m = nnx.Conv(4, 6, kernel_size=(3, 3), feature_group_count=2, rngs=nnx.Rngs(0))
+  return _nnx_whole(m, _x(1, 5, 5, 4), expected={"kernel": (3,), "bias": None})
+
+
+@case
+def nnx_conv2d_depthwise():
+  from flax import nnx
+
+  # kernel (3, 3, 1, 6): the size-1 input axis is neither output nor fan-in.
+  m = nnx.Conv(3, 6, kernel_size=(3, 3), feature_group_count=3, rngs=nnx.Rngs(0))
+  return _nnx_whole(m, _x(1, 5, 5, 3), expected={"kernel": (3,), "bias": None})
+
+
+@case
+def nnx_conv_transpose():
+  from flax import nnx
+
+  m = nnx.ConvTranspose(3, 5, kernel_size=(3, 3), strides=(2, 2), rngs=nnx.Rngs(0))
+  return _nnx_whole(m, _x(1, 4, 4, 3), expected={"kernel": (3,), "bias": None})
+
+
+@case
+def nnx_conv_transpose_transpose_kernel():
+  from flax import nnx
+
+  # transpose_kernel=True stores (kh, kw, out, in).
+  m = nnx.ConvTranspose(3, 5, kernel_size=(3, 3), strides=(2, 2), transpose_kernel=True,
+                        rngs=nnx.Rngs(0))
+  return _nnx_whole(m, _x(1, 4, 4, 3), expected={"kernel": (2,), "bias": None},
+                    default_wrong=("kernel",))
+
+
+@case
+def nnx_linear_general():
+  from flax import nnx
+
+  m = nnx.LinearGeneral(4, (3, 5), rngs=nnx.Rngs(0))
+  return _nnx_whole(m, _x(2, 3, 4), features=(-2, -1),
+                    expected={"kernel": (1, 2), "bias": None},
+                    default_wrong=("kernel", "bias"))
+
+
+@case
+def nnx_linear_general_batch_axis():
+  from flax import nnx
+
+  # One (in, out) kernel per index of the input's axis 0: kernel (3, 4, 5).
+  m = nnx.LinearGeneral(4, 5, axis=-1, batch_axis={0: 3}, rngs=nnx.Rngs(0))
+  return _nnx_whole(m, _x(3, 2, 4), features=(0, -1),
+                    expected={"kernel": (0, 2), "bias": None},
+                    default_wrong=("kernel", "bias"))
+
+
+@case
+def nnx_multi_head_attention():
+  from flax import nnx
+
+  m = nnx.MultiHeadAttention(num_heads=2, in_features=6, qkv_features=8, out_features=5,
+                             decode=False, rngs=nnx.Rngs(0))
+  x = _x(2, 3, 6)
+  truths = {}
+  for name in ("query", "key", "value"):
+    fn, params = _nnx(getattr(m, name))
+    for leaf in ("kernel", "bias"):
+      truths[f"{name}/{leaf}"] = measure(fn, params, leaf, x, features=(-2, -1))
+  fn, params = _nnx(m.out)
+  for leaf in ("kernel", "bias"):
+    truths[f"out/{leaf}"] = measure(fn, params, leaf, _x(2, 3, 2, 4))
+  expected = {f"{n}/kernel": (1, 2) for n in ("query", "key", "value")}
+  expected |= {f"{n}/bias": None for n in ("query", "key", "value", "out")}
+  expected["out/kernel"] = (2,)
+  fn, params = _nnx(m)
+  return Layer(fn, params, (x,), expected, truths,
+               default_wrong=tuple(f"{n}/{leaf}" for n in ("query", "key", "value")
+                                   for leaf in ("kernel", "bias")))
+
+
+@case
+def nnx_einsum():
+  from flax import nnx
+
+  m = nnx.Einsum("btd,ndh->btnh", (3, 4, 5), (3, 5), rngs=nnx.Rngs(0))
+  return _nnx_whole(m, _x(2, 3, 4), features=(-2, -1),
+                    expected={"kernel": (0, 2), "bias": None},
+                    default_wrong=("kernel", "bias"))
+
+
+@case
+def nnx_embed_lookup():
+  from flax import nnx
+
+  # A lookup's units are the feature axis; inference leaves lookups alone unless asked.
+  m = nnx.Embed(6, 4, rngs=nnx.Rngs(0))
+  return _nnx_whole(m, _TOKENS, expected={"embedding": (1,)},
+                    infer_kwargs={"centralize_lookups": True})
+
+
+@case
+def nnx_embed_attend():
+  from flax import nnx
+
+  m = nnx.Embed(6, 4, rngs=nnx.Rngs(0))
+  fn, params = _nnx(m, "attend")
+  x = _x(2, 3, 4)
+  return Layer(fn, params, (x,), {"embedding": (0,)}, measure_all(fn, params, x),
+               default_wrong=("embedding",))
+
+
+@case
+def nnx_lora_linear():
+  from flax import nnx
+
+  m = nnx.LoRALinear(4, 5, lora_rank=2, rngs=nnx.Rngs(0))
+  x = _x(2, 3, 4)
+  fn, params = _nnx(m)
+  truths = {k: measure(fn, params, k, x) for k in ("kernel", "bias", "lora/lora_b")}
+  # lora_a's direct output is the rank-2 hidden x @ lora_a. With lora_b a selector
+  # (rank r -> output r) and the base kernel zero, the layer's outputs 0 and 1 are it.
+  lora_fn, lora_params = _nnx(m.lora)
+  selector = jnp.eye(2, 5)
+
+  def hidden(a, x):
+    p = _replace(_replace(lora_params, "lora_a", a), "lora_b", selector)
+    return lora_fn(p, x)
+
+  truths["lora/lora_a"] = lambda: _truth.output_axes(
+      hidden, _flat(lora_params)["lora_a"], x)
+  return Layer(fn, params, (x,),
+               {"kernel": (1,), "bias": None, "lora/lora_a": (1,), "lora/lora_b": (1,)},
+               truths, default_wrong=())
+
+
+def _nnx_stack(forward: str):
+  from flax import nnx
+
+  class Stack(nnx.Module):
+    """Three Linear(4, 4) layers, created with nnx.vmap (Flax's scan-over-layers idiom)."""
+
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0, 0))
+    def __init__(self, rngs: nnx.Rngs):
+      self.linear = nnx.Linear(4, 4, rngs=rngs)
+
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    def scan(self, x):
+      return nnx.relu(self.linear(x))
+
+    @nnx.vmap(in_axes=(0, None))
+    def ensemble(self, x):
+      return self.linear(x)
+
+  m = Stack(nnx.Rngs(0))
+  x = _x(2, 4)
+  # Truth: each layer on the same input, the single-layer module vmapped over the stack.
+  layer_fn, layer_params = _nnx(m.linear)
+  stacked = lambda p, x: jax.vmap(lambda q: layer_fn(q, x))(p)  # noqa: E731
+  truths = {f"linear/{k}": measure(stacked, layer_params, k, x, features=(0, -1))
+            for k in ("kernel", "bias")}
+  fn, params = _nnx(m, forward)
+  return Layer(fn, params, (x,), {"linear/kernel": (0, 2), "linear/bias": None}, truths,
+               default_wrong=("linear/kernel", "linear/bias"))
+
+
+@case
+def nnx_scan_stack():
+  return _nnx_stack("scan")
+
+
+@case
+def nnx_vmap_stack():
+  return _nnx_stack("ensemble")
+
+
+# ------------------------------------------------------------------------------------------
+# The tests
+# ------------------------------------------------------------------------------------------
+
+
+_BUILT: dict[str, Layer] = {}
+
+
+def build(name: str) -> Layer:
+  if name not in _BUILT:
+    _BUILT[name] = CASES[name]()
+  return _BUILT[name]
+
+
+def _shapes(layer: Layer) -> dict[str, tuple[int, ...]]:
+  return {k: tuple(np.shape(x)) for k, x in _flat(layer.params).items()}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_truth(name):
+  """The Jacobian truth of every parameter equals the hand-written table."""
+  layer = build(name)
+  shapes = _shapes(layer)
+  assert set(layer.expected) == set(shapes) == set(layer.truths), (name, sorted(shapes))
+  got = {k: layer.truths[k]() for k in shapes}
+  want = {k: _truth.canonical(v, shapes[k]) for k, v in layer.expected.items()}
+  assert got == want, {k: (shapes[k], got[k], want[k]) for k in shapes if got[k] != want[k]}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_default_is_wrong(name):
+  """Where ``centralize()``'s default ``output_axis=-1`` disagrees with the truth."""
+  layer = build(name)
+  shapes = _shapes(layer)
+  wrong = {k for k, s in shapes.items()
+           if _truth.default_spec(s) != _truth.canonical(layer.expected[k], s)}
+  assert wrong == set(layer.default_wrong), (name, sorted(wrong))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_inference(name):
+  """Inference on the whole layer's forward equals the truth, for every parameter."""
+  layer = build(name)
+  spec = optax_gc.infer_output_axes(layer.fn, layer.params, *layer.args, **layer.infer_kwargs)
+  got = _flat(spec, is_leaf=_is_spec)
+  shapes = _shapes(layer)
+  assert set(got) == set(shapes), (sorted(got), sorted(shapes))
+  for k, v in got.items():
+    assert v is None or (isinstance(v, tuple) and list(v) == sorted(set(v))
+                         and all(0 <= a < len(shapes[k]) for a in v)), (k, v)
+  got = {k: _truth.canonical(v, shapes[k]) for k, v in got.items()}
+  want = {k: _truth.canonical(v, shapes[k]) for k, v in layer.expected.items()}
+  assert got == want, {k: (shapes[k], "inferred", got[k], "truth", want[k])
+                       for k in shapes if got[k] != want[k]}
