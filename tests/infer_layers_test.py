@@ -339,6 +339,202 @@ def nnx_vmap_stack():
 
 
 # ------------------------------------------------------------------------------------------
+# Flax Linen
+# ------------------------------------------------------------------------------------------
+
+
+def _linen(module, *args):
+  """``(fn, params)``: ``module.apply`` as a function of its ``params`` collection."""
+  params = module.init(jax.random.key(0), *args)["params"]
+  return (lambda p, *a: module.apply({"params": p}, *a)), params
+
+
+def _linen_whole(module, *args, features=(-1,), expected, default_wrong=(), **kw) -> Layer:
+  fn, params = _linen(module, *args)
+  return Layer(fn, params, args, expected, measure_all(fn, params, *args, features=features),
+               default_wrong, **kw)
+
+
+def _linen_intermediate(module, name: str):
+  """``fn(params, *args)``: the direct output of submodule ``name`` (capture_intermediates)."""
+
+  def fn(p, *args):
+    _, state = module.apply({"params": p}, *args, capture_intermediates=True,
+                            mutable=["intermediates"])
+    return state["intermediates"][name]["__call__"][0]
+
+  return fn
+
+
+@case
+def linen_dense():
+  import flax.linen as nn
+
+  return _linen_whole(nn.Dense(5), _x(2, 3, 4), expected={"kernel": (1,), "bias": None})
+
+
+@case
+def linen_conv1d():
+  import flax.linen as nn
+
+  return _linen_whole(nn.Conv(6, (3,)), _x(2, 7, 3), expected={"kernel": (2,), "bias": None})
+
+
+@case
+def linen_conv2d_grouped():
+  import flax.linen as nn
+
+  return _linen_whole(nn.Conv(6, (3, 3), feature_group_count=2), _x(1, 5, 5, 4),
+                      expected={"kernel": (3,), "bias": None})
+
+
+@case
+def linen_conv2d_depthwise():
+  import flax.linen as nn
+
+  return _linen_whole(nn.Conv(6, (3, 3), feature_group_count=3), _x(1, 5, 5, 3),
+                      expected={"kernel": (3,), "bias": None})
+
+
+@case
+def linen_conv_transpose():
+  import flax.linen as nn
+
+  return _linen_whole(nn.ConvTranspose(5, (3, 3), strides=(2, 2)), _x(1, 4, 4, 3),
+                      expected={"kernel": (3,), "bias": None})
+
+
+@case
+def linen_conv_transpose_transpose_kernel():
+  import flax.linen as nn
+
+  return _linen_whole(nn.ConvTranspose(5, (3, 3), strides=(2, 2), transpose_kernel=True),
+                      _x(1, 4, 4, 3), expected={"kernel": (2,), "bias": None},
+                      default_wrong=("kernel",))
+
+
+@case
+def linen_conv_local():
+  import flax.linen as nn
+
+  # One unshared kernel per output pixel: kernel (3, 3, 3 * 3 * 3, 6), bias (3, 3, 6).
+  # VALID padding, so that every kernel entry sees an input.
+  return _linen_whole(nn.ConvLocal(6, (3, 3), padding="VALID"), _x(1, 5, 5, 3),
+                      features=(1, 2, 3), expected={"kernel": (0, 1, 3), "bias": None},
+                      default_wrong=("kernel", "bias"))
+
+
+@case
+def linen_dense_general():
+  import flax.linen as nn
+
+  return _linen_whole(nn.DenseGeneral((3, 5)), _x(2, 3, 4), features=(-2, -1),
+                      expected={"kernel": (1, 2), "bias": None},
+                      default_wrong=("kernel", "bias"))
+
+
+@case
+def linen_dense_general_batch_dims():
+  import flax.linen as nn
+
+  return _linen_whole(nn.DenseGeneral(5, batch_dims=(0,)), _x(3, 2, 4), features=(0, -1),
+                      expected={"kernel": (0, 2), "bias": None},
+                      default_wrong=("kernel", "bias"))
+
+
+@case
+def linen_multi_head_attention():
+  import flax.linen as nn
+
+  m = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8, out_features=5)
+  x = _x(2, 3, 6)
+  fn, params = _linen(m, x)
+  truths = {}
+  for name in ("query", "key", "value", "out"):
+    sub = _linen_intermediate(m, name)
+    feats = (-1,) if name == "out" else (-2, -1)
+    for leaf in ("kernel", "bias"):
+      truths[f"{name}/{leaf}"] = measure(sub, params, f"{name}/{leaf}", x, features=feats)
+  expected = {f"{n}/kernel": (1, 2) for n in ("query", "key", "value")}
+  expected |= {f"{n}/bias": None for n in ("query", "key", "value", "out")}
+  expected["out/kernel"] = (2,)
+  return Layer(fn, params, (x,), expected, truths,
+               default_wrong=tuple(f"{n}/{leaf}" for n in ("query", "key", "value")
+                                   for leaf in ("kernel", "bias")))
+
+
+@case
+def linen_einsum():
+  import flax.linen as nn
+
+  return _linen_whole(nn.Einsum((3, 4, 5), "btd,ndh->btnh"), _x(2, 3, 4), features=(-2, -1),
+                      expected={"kernel": (0, 2), "bias": None},
+                      default_wrong=("kernel", "bias"))
+
+
+@case
+def linen_embed_lookup():
+  import flax.linen as nn
+
+  return _linen_whole(nn.Embed(6, 4), _TOKENS, expected={"embedding": (1,)},
+                      infer_kwargs={"centralize_lookups": True})
+
+
+@case
+def linen_embed_attend():
+  import flax.linen as nn
+
+  m = nn.Embed(6, 4)
+  params = m.init(jax.random.key(0), _TOKENS)["params"]
+  fn = lambda p, x: m.apply({"params": p}, x, method=m.attend)  # noqa: E731
+  x = _x(2, 3, 4)
+  return Layer(fn, params, (x,), {"embedding": (0,)}, measure_all(fn, params, x),
+               default_wrong=("embedding",))
+
+
+def _linen_block():
+  import flax.linen as nn
+
+  class Block(nn.Module):
+    """Dense + relu as a scan body: (carry, x) -> (carry, y)."""
+
+    @nn.compact
+    def __call__(self, carry, _):
+      return nn.relu(nn.Dense(4)(carry)), None
+
+  return Block
+
+
+@case
+def linen_scan_remat():
+  import flax.linen as nn
+
+  block = _linen_block()
+  stack = nn.scan(nn.remat(block), variable_axes={"params": 0}, split_rngs={"params": True},
+                  length=3)()
+  x = _x(2, 4)
+  fn, params = _linen(stack, x, None)
+  # Truth: each layer's Dense on the same input, the single block vmapped over the stack.
+  dense = _linen_intermediate(block(), "Dense_0")
+  per_layer = lambda p, x: jax.vmap(lambda q: dense(q, x, None))(p)  # noqa: E731
+  truths = {k: measure(per_layer, params, k, x, features=(0, -1))
+            for k in ("Dense_0/kernel", "Dense_0/bias")}
+  return Layer(fn, params, (x, None), {"Dense_0/kernel": (0, 2), "Dense_0/bias": None},
+               truths, default_wrong=("Dense_0/kernel", "Dense_0/bias"))
+
+
+@case
+def linen_vmap_ensemble():
+  import flax.linen as nn
+
+  ensemble = nn.vmap(nn.Dense, variable_axes={"params": 0}, split_rngs={"params": True},
+                     in_axes=None, axis_size=3)(4)
+  return _linen_whole(ensemble, _x(2, 4), features=(0, -1),
+                      expected={"kernel": (0, 2), "bias": None},
+                      default_wrong=("kernel", "bias"))
+
+
+# ------------------------------------------------------------------------------------------
 # The tests
 # ------------------------------------------------------------------------------------------
 
