@@ -535,6 +535,279 @@ def linen_vmap_ensemble():
 
 
 # ------------------------------------------------------------------------------------------
+# Haiku
+# ------------------------------------------------------------------------------------------
+
+
+def _haiku(f, *args):
+  """``(fn, params)`` for ``hk.transform(f)``."""
+  import haiku as hk
+
+  t = hk.transform(f)
+  return (lambda p, *a: t.apply(p, None, *a)), t.init(jax.random.key(0), *args)
+
+
+def _haiku_whole(f, *args, features=(-1,), expected, default_wrong=()) -> Layer:
+  fn, params = _haiku(f, *args)
+  return Layer(fn, params, args, expected, measure_all(fn, params, *args, features=features),
+               default_wrong)
+
+
+def _haiku_intercepted(f, module_name: str):
+  """``fn(params, *args)``: the direct output of submodule ``module_name`` inside ``f``."""
+  import haiku as hk
+
+  def g(*args):
+    captured = []
+
+    def interceptor(next_f, a, kw, context):
+      y = next_f(*a, **kw)
+      if context.method_name == "__call__" and context.module.module_name == module_name:
+        captured.append(y)
+      return y
+
+    with hk.intercept_methods(interceptor):
+      f(*args)
+    (y,) = captured
+    return y
+
+  t = hk.transform(g)
+  return lambda p, *a: t.apply(p, None, *a)
+
+
+@case
+def haiku_linear():
+  import haiku as hk
+
+  return _haiku_whole(lambda x: hk.Linear(5)(x), _x(2, 3, 4),
+                      expected={"linear/w": (1,), "linear/b": None})
+
+
+@case
+def haiku_conv2d():
+  import haiku as hk
+
+  return _haiku_whole(lambda x: hk.Conv2D(6, 3)(x), _x(1, 5, 5, 4),
+                      expected={"conv2_d/w": (3,), "conv2_d/b": None})
+
+
+@case
+def haiku_conv2d_transpose():
+  import haiku as hk
+
+  # w: (kh, kw, out, in).
+  return _haiku_whole(lambda x: hk.Conv2DTranspose(5, 3, stride=2)(x), _x(1, 4, 4, 3),
+                      expected={"conv2_d_transpose/w": (2,), "conv2_d_transpose/b": None},
+                      default_wrong=("conv2_d_transpose/w",))
+
+
+@case
+def haiku_depthwise_conv2d():
+  import haiku as hk
+
+  # w: (kh, kw, 1, in * multiplier).
+  return _haiku_whole(lambda x: hk.DepthwiseConv2D(2, 3)(x), _x(1, 5, 5, 3),
+                      expected={"depthwise_conv2_d/w": (3,), "depthwise_conv2_d/b": None})
+
+
+@case
+def haiku_multi_head_attention():
+  import haiku as hk
+
+  def f(x):
+    mha = hk.MultiHeadAttention(num_heads=2, key_size=4, model_size=5,
+                                w_init=hk.initializers.VarianceScaling(1.0))
+    return mha(x, x, x)
+
+  x = _x(2, 3, 6)
+  fn, params = _haiku(f, x)
+  truths, expected = {}, {}
+  for name in ("query", "key", "value", "linear"):
+    full = f"multi_head_attention/{name}"
+    sub = _haiku_intercepted(f, full)
+    for leaf, spec in (("w", (1,)), ("b", None)):
+      truths[f"{full}/{leaf}"] = measure(sub, params, f"{full}/{leaf}", x)
+      expected[f"{full}/{leaf}"] = spec
+  return Layer(fn, params, (x,), expected, truths, default_wrong=())
+
+
+# ------------------------------------------------------------------------------------------
+# Equinox (unbatched modules: a batch is a jax.vmap)
+# ------------------------------------------------------------------------------------------
+
+
+def _eqx(model, call: Callable[..., Any]):
+  """``(fn, params)``: ``call(model, *args)`` as a function of the model's arrays."""
+  import equinox as eqx
+
+  params, static = eqx.partition(model, eqx.is_array)
+  return (lambda p, *a: call(eqx.combine(p, static), *a)), params
+
+
+def _eqx_whole(model, call, *args, features=(-1,), expected, default_wrong=(), **kw) -> Layer:
+  fn, params = _eqx(model, call)
+  return Layer(fn, params, args, expected, measure_all(fn, params, *args, features=features),
+               default_wrong, **kw)
+
+
+def _batched(m, x):
+  return jax.vmap(m)(x)
+
+
+@case
+def eqx_linear():
+  import equinox as eqx
+
+  # weight (out, in), as in PyTorch.
+  return _eqx_whole(eqx.nn.Linear(4, 5, key=jax.random.key(0)), _batched, _x(3, 4),
+                    expected={"weight": (0,), "bias": None}, default_wrong=("weight",))
+
+
+@case
+def eqx_conv2d():
+  import equinox as eqx
+
+  # weight (out, in, kh, kw), bias (out, 1, 1); output (out, h, w).
+  return _eqx_whole(eqx.nn.Conv2d(4, 6, 3, key=jax.random.key(0)), lambda m, x: m(x),
+                    _x(4, 5, 5), features=(0,), expected={"weight": (0,), "bias": None},
+                    default_wrong=("weight", "bias"))
+
+
+@case
+def eqx_conv_transpose2d():
+  import equinox as eqx
+
+  m = eqx.nn.ConvTranspose2d(3, 5, 3, stride=2, key=jax.random.key(0))
+  return _eqx_whole(m, lambda m, x: m(x), _x(3, 4, 4), features=(0,),
+                    expected={"weight": (0,), "bias": None},
+                    default_wrong=("weight", "bias"))
+
+
+@case
+def eqx_multihead_attention():
+  import equinox as eqx
+
+  m = eqx.nn.MultiheadAttention(num_heads=2, query_size=6, qk_size=4, vo_size=4,
+                                output_size=5, use_query_bias=True, use_output_bias=True,
+                                key=jax.random.key(0))
+  x = _x(3, 6)
+  fn, params = _eqx(m, lambda m, x: m(x, x, x))
+  truths = {}
+  for name in ("query_proj", "key_proj", "value_proj", "output_proj"):
+    sub = getattr(m, name)
+    sub_fn, sub_params = _eqx(sub, _batched)
+    inp = x if name != "output_proj" else _x(3, 8)
+    for leaf in _flat(sub_params):
+      truths[f"{name}/{leaf}"] = measure(sub_fn, sub_params, leaf, inp)
+  expected = {f"{n}/weight": (0,) for n in ("query_proj", "key_proj", "value_proj",
+                                            "output_proj")}
+  expected |= {"query_proj/bias": None, "output_proj/bias": None}
+  return Layer(fn, params, (x,), expected, truths,
+               default_wrong=tuple(k for k in expected if k.endswith("weight")))
+
+
+@case
+def eqx_embedding():
+  import equinox as eqx
+
+  return _eqx_whole(eqx.nn.Embedding(6, 4, key=jax.random.key(0)), _batched,
+                    jnp.arange(6), expected={"weight": (1,)},
+                    infer_kwargs={"centralize_lookups": True})
+
+
+# ------------------------------------------------------------------------------------------
+# Keras 3 on the JAX backend
+# ------------------------------------------------------------------------------------------
+
+
+def _keras_module():
+  """Keras with ``KERAS_BACKEND=jax`` (set before the first import), or a skip."""
+  import sys
+
+  if "keras" not in sys.modules:
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+  keras = pytest.importorskip("keras")
+  if keras.backend.backend() != "jax":
+    pytest.skip(f"Keras runs on {keras.backend.backend()}, not jax")
+  return keras
+
+
+def _keras(layer, *args):
+  """``(fn, params)``: ``layer.stateless_call`` with ``params`` keyed by variable path."""
+  layer(*args)  # builds the layer
+  trainable = list(layer.trainable_variables)
+  frozen = [v.value for v in layer.non_trainable_variables]
+  params = {v.path: v.value for v in trainable}
+
+  def fn(p, *a):
+    return layer.stateless_call([p[v.path] for v in trainable], frozen, *a)[0]
+
+  return fn, params
+
+
+def _keras_whole(layer, *args, features=(-1,), expected, default_wrong=()) -> Layer:
+  fn, params = _keras(layer, *args)
+  return Layer(fn, params, args, expected, measure_all(fn, params, *args, features=features),
+               default_wrong)
+
+
+@case
+def keras_dense():
+  keras = _keras_module()
+  return _keras_whole(keras.layers.Dense(5, name="dense"), _x(2, 3, 4),
+                      expected={"dense/kernel": (1,), "dense/bias": None})
+
+
+@case
+def keras_einsum_dense():
+  keras = _keras_module()
+  layer = keras.layers.EinsumDense("abc,cde->abde", output_shape=(None, 3, 5), bias_axes="de",
+                                   name="einsum_dense")
+  return _keras_whole(layer, _x(2, 3, 4), features=(-2, -1),
+                      expected={"einsum_dense/kernel": (1, 2), "einsum_dense/bias": None},
+                      default_wrong=("einsum_dense/kernel", "einsum_dense/bias"))
+
+
+@case
+def keras_multi_head_attention():
+  keras = _keras_module()
+  mha = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4, output_shape=5, name="mha")
+  x = _x(2, 3, 6)
+  fn, params = _keras(mha, x, x)
+  truths, expected = {}, {}
+  for sub, inp, feats in ((mha.query_dense, x, (-2, -1)), (mha.key_dense, x, (-2, -1)),
+                          (mha.value_dense, x, (-2, -1)),
+                          (mha.output_dense, _x(2, 3, 2, 4), (-1,))):
+    sub_fn, sub_params = _keras(sub, inp)
+    for k in sub_params:
+      truths[k] = measure(sub_fn, sub_params, k, inp, features=feats)
+      expected[k] = None if k.endswith("bias") else (1, 2) if len(feats) == 2 else (2,)
+  return Layer(fn, params, (x, x), expected, truths,
+               default_wrong=tuple(k for k in expected
+                                   if "attention_output" not in k))
+
+
+@case
+def keras_conv2d_transpose():
+  keras = _keras_module()
+  # kernel (kh, kw, out, in).
+  layer = keras.layers.Conv2DTranspose(5, 3, strides=2, name="conv_t")
+  return _keras_whole(layer, _x(1, 4, 4, 3),
+                      expected={"conv_t/kernel": (2,), "conv_t/bias": None},
+                      default_wrong=("conv_t/kernel",))
+
+
+@case
+def keras_depthwise_conv2d():
+  keras = _keras_module()
+  # kernel (kh, kw, in, multiplier): output channel c * multiplier + m.
+  layer = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, name="dw")
+  return _keras_whole(layer, _x(1, 5, 5, 3),
+                      expected={"dw/kernel": (2, 3), "dw/bias": None},
+                      default_wrong=("dw/kernel",))
+
+
+# ------------------------------------------------------------------------------------------
 # The tests
 # ------------------------------------------------------------------------------------------
 
