@@ -6,6 +6,8 @@
 
 from optax_gc._src.alias import gc_adam, gc_adamw, gc_sgd
 from optax_gc._src.centralize import centralize, gc_removed_fraction
+from optax_gc._src.flax_nnx import nnx_output_axes
+from optax_gc._src.infer import infer_output_axes
 
 __version__ = "0.1.0"
 
@@ -15,4 +17,6 @@ __all__ = [
     "gc_adamw",
     "gc_removed_fraction",
     "gc_sgd",
+    "infer_output_axes",
+    "nnx_output_axes",
 ]

@@ -5,9 +5,9 @@ import doctest
 import pytest
 
 import optax_gc
-from optax_gc._src import alias, centralize
+from optax_gc._src import alias, centralize, flax_nnx, infer
 
-_MODULES = [optax_gc, centralize, alias]
+_MODULES = [optax_gc, centralize, alias, infer, flax_nnx]
 
 
 @pytest.mark.parametrize("module", _MODULES, ids=lambda m: m.__name__)
@@ -20,6 +20,7 @@ def test_docstring_examples(module):
 def test_public_api():
   assert sorted(optax_gc.__all__) == [
       "centralize", "gc_adam", "gc_adamw", "gc_removed_fraction", "gc_sgd",
+      "infer_output_axes", "nnx_output_axes",
   ]
   for name in optax_gc.__all__:
     obj = getattr(optax_gc, name)

@@ -36,44 +36,95 @@ def _describe(path: Any, leaf: Any) -> str:
   return f"leaf {jax.tree_util.keystr(path) or '<root>'} with shape {shape}"
 
 
-def _broadcast_spec(
+def _covered(path: tuple[Any, ...], prefixes: set[tuple[Any, ...]]) -> bool:
+  return any(tuple(path[:i]) in prefixes for i in range(len(path) + 1))
+
+
+def _broadcast_prefix(
     spec: Any,
+    updates: Any,
     paths_leaves: list[tuple[Any, Any]],
-    treedef: Any,
     name: str,
     is_leaf: Callable[[Any], bool],
 ) -> list[Any]:
-  """Returns ``spec`` as one entry per leaf of the updates (a prefix broadcast).
+  """Returns the tree ``spec`` as one entry per leaf of the updates.
 
-  ``paths_leaves`` and ``treedef`` are the flattened updates. A single value
-  applies to every leaf; a tree must match the structure of the updates. On a
-  mismatch the error names the first leaf that differs.
+  ``spec`` is a prefix of the updates' structure: each of its leaves applies to the whole
+  subtree of the updates at that place (e.g. to the array inside an ``nnx.Variable``). On a
+  mismatch the error names the first leaf of the updates that has no entry.
   """
-  if is_leaf(spec):
-    return [spec] * len(paths_leaves)
+  spec_leaves, spec_def = jax.tree_util.tree_flatten(spec, is_leaf=is_leaf)
   try:
-    return treedef.flatten_up_to(spec)
+    subtrees = spec_def.flatten_up_to(updates)
   except (ValueError, TypeError) as e:
-    spec_paths = {
-        jax.tree_util.keystr(p)
-        for p, _ in jax.tree_util.tree_flatten_with_path(spec, is_leaf=is_leaf)[0]
+    prefixes = {
+        tuple(p) for p, _ in jax.tree_util.tree_flatten_with_path(spec, is_leaf=is_leaf)[0]
     }
-    missing = [
-        (p, x) for p, x in paths_leaves if jax.tree_util.keystr(p) not in spec_paths
-    ]
+    missing = [(p, x) for p, x in paths_leaves if not _covered(tuple(p), prefixes)]
     where = _describe(*missing[0]) if missing else "the tree's structure"
     raise ValueError(
         f"optax_gc: the `{name}` tree does not match the structure of the "
         f"updates: no entry for {where}. Give one entry per leaf of the "
         f"updates (or a callable params -> such a tree). Details: {e}"
     ) from None
+  out = []
+  for value, sub in zip(spec_leaves, subtrees, strict=True):
+    out.extend([value] * len(jax.tree_util.tree_leaves(sub, is_leaf=_is_passthrough_node)))
+  return out
 
 
-def _resolve(spec: Any, updates: Any, params: Any) -> Any:
-  """Calls a callable spec on the params (or the updates if none are given)."""
+def _per_leaf(
+    spec: Any,
+    updates: Any,
+    params: Any,
+    paths_leaves: list[tuple[Any, Any]],
+    name: str,
+    is_leaf: Callable[[Any], bool],
+) -> list[Any]:
+  """``spec`` (one value, a tree, or a callable ``params -> tree``) as one entry per leaf.
+
+  A value whose structure fits the updates is a tree even when it is callable, as an Equinox
+  module is; only a callable that is not such a tree is called (on the params, or on the
+  updates when there are none).
+  """
+  if is_leaf(spec):
+    return [spec] * len(paths_leaves)
+  if not _is_pytree_leaf(spec, is_leaf):
+    try:
+      return _broadcast_prefix(spec, updates, paths_leaves, name, is_leaf)
+    except ValueError:
+      leaves = jax.tree_util.tree_leaves(spec, is_leaf=is_leaf)
+      if not callable(spec) or (leaves and all(is_leaf(x) for x in leaves)):
+        _check_spec_type(spec, name)
+        raise  # A tree of specs (callable or not, like an Equinox module) that does not fit.
   if callable(spec) and not isinstance(spec, jax.Array):
-    return spec(updates if params is None else params)
-  return spec
+    spec = spec(updates if params is None else params)
+    if is_leaf(spec):
+      return [spec] * len(paths_leaves)
+  _check_spec_type(spec, name)
+  return _broadcast_prefix(spec, updates, paths_leaves, name, is_leaf)
+
+
+def _is_pytree_leaf(x: Any, is_leaf: Callable[[Any], bool] | None = None) -> bool:
+  return jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(x, is_leaf=is_leaf))
+
+
+def _check_spec_type(spec: Any, name: str) -> None:
+  """Raises a clear error for a whole-tree spec of the wrong type (a list of ints, a float)."""
+  if name == "output_axis" and isinstance(spec, list) and spec and all(
+      isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in spec
+  ):
+    raise ValueError(
+        f"optax_gc: output_axis {spec!r} is a list, which JAX reads as a pytree with one "
+        f"entry per leaf, not as a set of axes. Write the tuple {tuple(spec)!r}."
+    )
+  if _is_pytree_leaf(spec):
+    expected = "an int, a tuple of ints, None" if name == "output_axis" else "a bool, None"
+    raise ValueError(
+        f"optax_gc: `{name}` must be {expected}, a pytree of those with the structure of "
+        f"the updates, or a callable params -> such a pytree; got {spec!r} "
+        f"({type(spec).__name__})."
+    )
 
 
 def _normalize_axes(axis: Any, path: Any, leaf: jax.Array) -> tuple[int, ...]:
@@ -207,18 +258,12 @@ def _map_leaves(
   paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(
       updates, is_leaf=_is_passthrough_node
   )
-  axes = _broadcast_spec(
-      _resolve(output_axis, updates, params), paths_leaves, treedef, "output_axis",
-      _is_axis_leaf,
-  )
+  axes = _per_leaf(output_axis, updates, params, paths_leaves, "output_axis", _is_axis_leaf)
   masks = (
       [True] * len(axes)
       if mask is None
-      else _broadcast_spec(
-          _resolve(mask, updates, params),
-          paths_leaves,
-          treedef,
-          "mask",
+      else _per_leaf(
+          mask, updates, params, paths_leaves, "mask",
           lambda x: x is None or isinstance(x, (bool, np.bool_)),
       )
   )

@@ -1,0 +1,848 @@
+"""Output axes read from the model itself: each parameter's fan-in, from its contractions.
+
+:func:`infer_output_axes` traces ``fn(params, *args)`` with ``jax.make_jaxpr`` and follows every
+parameter through the jaxpr, as JAX's own interpreters do: one walk over the equations, an
+environment from variable to what is known of it, and a table of small per-primitive rules.
+A parameter's *use* is where it meets the activations:
+
+* a ``dot_general`` or ``conv_general_dilated``: its contracting (fan-in) dimensions are read
+  from the dimension numbers; its free, batch and output-feature dimensions index output units;
+* a lookup (``gather``/``dynamic_slice`` at data-dependent indices): left alone by default;
+* an elementwise op with activations (a bias, a norm scale): left alone.
+
+On the way, shape ops (transpose, reshape, broadcast, slice, ...) map the parameter's axes onto
+the value's, an axis selected one index at a time (a scanned or indexed layer stack) becomes an
+output axis, and sub-jaxprs (``jit``, ``custom_jvp``/``custom_vjp``, ``remat``, ``cond``,
+``while``, ``scan``, ``shard_map``) are followed by one generic recursion.
+"""
+
+import collections
+import dataclasses
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.extend import core as jex_core
+
+__all__ = ["infer_output_axes"]
+
+AxisSpec = tuple[int, ...] | None
+Axes = frozenset[int]
+_NONE: Axes = frozenset()
+
+
+# ------------------------------------------------------------------------------------------------
+# What is known of a value: is it an activation (depends on the data), and which parameter axes
+# does each of its axes run along.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Origin:
+  """How a value derived from one parameter (and no data) relates to that parameter's axes.
+
+  Attributes:
+    dims: per axis of the value, the parameter axes it runs along (several after a reshape that
+      merges axes, none for a broadcast axis).
+    mixed: parameter axes summed into every element (reduced, or contracted with other
+      parameters): every element depends on all indices along them.
+    indexed: parameter axes selected one index at a time (a layer stack scanned or indexed):
+      each selection is a separate unit, so they are output axes.
+  """
+
+  dims: tuple[Axes, ...]
+  mixed: Axes = _NONE
+  indexed: Axes = _NONE
+
+  def join(self, other: "_Origin") -> "_Origin":
+    return _Origin(
+        tuple(a | b for a, b in zip(self.dims, other.dims, strict=True)),
+        self.mixed | other.mixed,
+        self.indexed | other.indexed,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Info:
+  """A value: ``tainted`` if it depends on the data; ``origins`` maps parameter index to origin.
+
+  A tainted value carries no origins: a parameter that reaches the activations has been *used*.
+  """
+
+  tainted: bool = False
+  origins: Mapping[int, _Origin] = dataclasses.field(default_factory=dict)
+
+
+_CONST = _Info()
+_TAINTED = _Info(tainted=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Use:
+  """One place where a parameter meets the activations (or cannot be followed).
+
+  ``kind`` is ``contraction``, ``lookup``, ``activation`` (elementwise into the activations),
+  ``inconsistent`` (one contraction uses an axis as both fan-in and output) or ``unfollowable``.
+  ``output`` is the output axes this use implies (``None``: leave the parameter alone).
+  """
+
+  kind: str
+  output: AxisSpec
+  detail: str
+  where: str
+
+  def describe(self) -> str:
+    implied = {
+        "contraction": f"output axes {self.output}",
+        "lookup": "left alone" if self.output is None else f"output axes {self.output}",
+        "activation": "left alone",
+        "inconsistent": "no consistent output axes",
+        "unfollowable": "cannot be followed",
+    }[self.kind]
+    return f"{self.detail}: {implied}" + (f" (at {self.where})" if self.where else "")
+
+
+def _union(sets: Iterable[Axes]) -> Axes:
+  out: set[int] = set()
+  for s in sets:
+    out |= s
+  return frozenset(out)
+
+
+def _sorted(axes: Iterable[int]) -> tuple[int, ...]:
+  return tuple(sorted(axes))
+
+
+def _with_origins(origins: Mapping[int, _Origin]) -> _Info:
+  # A scalar derived from parameters (a norm, a trace) only scales what it multiplies.
+  return _Info(False, {p: o for p, o in origins.items() if o.dims})
+
+
+def _map_origins(info: _Info, fn: Callable[[_Origin], _Origin]) -> _Info:
+  return _with_origins({p: fn(o) for p, o in info.origins.items()})
+
+
+# ------------------------------------------------------------------------------------------------
+# The interpreter.
+
+
+def _where(eqn: Any) -> str:
+  """The user's source line that emitted ``eqn`` (``""`` if unknown), for error messages."""
+  try:
+    from jax._src import source_info_util
+
+    return source_info_util.summarize(eqn.source_info)
+  except Exception:  # pragma: no cover - private API moved: the location is only a courtesy.
+    return ""
+
+
+def _sub_jaxpr(eqn: Any) -> tuple[Any, list[Any]] | None:
+  """The one sub-jaxpr of a call-like equation whose inputs are the equation's, with its consts."""
+  for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+    sub = eqn.params.get(key)
+    if isinstance(sub, jex_core.ClosedJaxpr):
+      jaxpr, consts = sub.jaxpr, list(sub.consts)
+    elif isinstance(sub, jex_core.Jaxpr):
+      jaxpr, consts = sub, []
+    else:
+      continue
+    if len(jaxpr.invars) == len(eqn.invars) and len(jaxpr.outvars) == len(eqn.outvars):
+      return jaxpr, consts
+  return None
+
+
+class _Interpreter:
+  """Walks a jaxpr once, recording each parameter's uses."""
+
+  def __init__(self, centralize_lookups: bool):
+    self.centralize_lookups = centralize_lookups
+    self.uses: dict[int, dict[_Use, None]] = collections.defaultdict(dict)
+    self._quiet = 0  # > 0 while a loop's carry is still being solved: record nothing yet.
+    self._outer: list[str] = []  # where the enclosing call-like equations are, innermost last
+
+  def where(self, eqn: Any) -> str:
+    """Where ``eqn`` is in the user's code, or else where its enclosing call is."""
+    here = _where(eqn)
+    if here:
+      return here
+    return next((w for w in reversed(self._outer) if w), "")
+
+  # -- recording ---------------------------------------------------------------------------------
+
+  def record(self, param: int, use: _Use) -> None:
+    if not self._quiet:
+      self.uses[param][use] = None
+
+  def sink(self, infos: Iterable[_Info], kind: str, detail: str, eqn: Any) -> None:
+    """Every parameter carried by ``infos`` reaches the activations here, with no contraction."""
+    for info in infos:
+      for p in info.origins:
+        self.record(p, _Use(kind, None, detail, self.where(eqn)))
+
+  def contraction(self, origin: _Origin, param: int, contracting: Sequence[int], eqn: Any,
+                  name: str, kind: str = "contraction") -> None:
+    """Records a use whose value axes ``contracting`` are the fan-in; the rest index outputs."""
+    fan_in = _union(origin.dims[d] for d in contracting) | origin.mixed
+    output = _union(s for d, s in enumerate(origin.dims) if d not in contracting) | origin.indexed
+    detail = f"{name}, contracting {_sorted(fan_in)}"
+    if fan_in & output:
+      self.record(param, _Use("inconsistent", None, f"{name}: axes {_sorted(fan_in & output)} "
+                              "are both contracted and kept", self.where(eqn)))
+    else:
+      self.record(param, _Use(kind, _sorted(output), detail, self.where(eqn)))
+
+  def join(self, infos: Sequence[_Info], eqn: Any, what: str) -> _Info:
+    """Elementwise combination: the union of origins, or an activation if any input is one."""
+    if any(i.tainted for i in infos):
+      self.sink(infos, "activation", f"{what} with activations", eqn)
+      return _TAINTED
+    merged: dict[int, _Origin] = {}
+    for info in infos:
+      for p, o in info.origins.items():
+        merged[p] = merged[p].join(o) if p in merged else o
+    return _with_origins(merged)
+
+  # -- the walk ------------------------------------------------------------------------------------
+
+  def run(self, jaxpr: Any, consts: Sequence[_Info], args: Sequence[_Info]) -> list[_Info]:
+    env: dict[Any, _Info] = {}
+
+    def read(v: Any) -> _Info:
+      return _CONST if isinstance(v, jex_core.Literal) else env.get(v, _CONST)
+
+    for v, info in zip(jaxpr.constvars, consts, strict=True):
+      env[v] = info
+    for v, info in zip(jaxpr.invars, args, strict=True):
+      env[v] = info
+    for eqn in jaxpr.eqns:
+      ins = [read(v) for v in eqn.invars]
+      if not any(i.origins for i in ins):
+        # No parameter flows through: only whether the result depends on the data matters.
+        outs = [_TAINTED if any(i.tainted for i in ins) else _CONST] * len(eqn.outvars)
+      else:
+        outs = self.apply(eqn, ins)
+      for v, info in zip(eqn.outvars, outs, strict=True):
+        if info.origins and not getattr(v.aval, "shape", ()):
+          info = _CONST  # a scalar derived from parameters only scales what it multiplies
+        env[v] = info
+    return [read(v) for v in jaxpr.outvars]
+
+  def run_inside(self, eqn: Any, jaxpr: Any, consts: Sequence[_Info], args: Sequence[_Info]
+                 ) -> list[_Info]:
+    """Runs the sub-jaxpr of ``eqn``, whose location stands in for its equations' unknown ones."""
+    self._outer.append(_where(eqn))
+    try:
+      return self.run(jaxpr, consts, args)
+    finally:
+      self._outer.pop()
+
+  def apply(self, eqn: Any, ins: list[_Info]) -> list[_Info]:
+    name = eqn.primitive.name
+    rule = _RULES.get(name)
+    if rule is not None:
+      return rule(self, eqn, ins)
+    if name not in _OPAQUE:
+      sub = _sub_jaxpr(eqn)
+      if sub is not None:
+        jaxpr, consts = sub
+        return self.run_inside(eqn, jaxpr, [_CONST] * len(consts), ins)
+    detail = f"{name} (no rule for this primitive)"
+    if name in _OPAQUE:
+      detail = f"{name} (an opaque kernel: what it does with the parameter is not visible)"
+    for info in ins:
+      for p in info.origins:
+        self.record(p, _Use("unfollowable", None, detail, self.where(eqn)))
+    return [_TAINTED if any(i.tainted for i in ins) else _CONST] * len(eqn.outvars)
+
+  def solve_loop(self, body: Callable[[list[_Info]], list[_Info]], carry: list[_Info],
+                 eqn: Any) -> list[_Info]:
+    """Runs ``body(carry) -> (new carry, *rest)`` to a fixed point, then once more, recording."""
+    self._quiet += 1
+    try:
+      for _ in range(32):
+        out = body(carry)
+        new = [self.join([c, o], eqn, "loop carry") for c, o in zip(carry, out, strict=False)]
+        if new == carry:
+          break
+        carry = new
+    finally:
+      self._quiet -= 1
+    out = body(carry)
+    for c, o in zip(carry, out, strict=False):
+      self.join([c, o], eqn, "loop carry")  # records a parameter that enters a tainted carry
+    return carry
+
+
+# ------------------------------------------------------------------------------------------------
+# Rules, one small function per primitive (or family of primitives).
+
+_RULES: dict[str, Callable[[_Interpreter, Any, list[_Info]], list[_Info]]] = {}
+
+_ELEMENTWISE = (
+    "abs acos acosh add add_any and asin asinh atan atan2 atanh bessel_i0e bessel_i1e cbrt ceil "
+    "clamp clz complex conj convert_element_type copy copy_p cos cosh digamma div eq erf erf_inv "
+    "erfc exp exp2 expm1 floor ge gt igamma igammac imag integer_pow is_finite le lgamma log "
+    "log1p logistic lt max min mul ne neg nextafter not or polygamma population_count pow "
+    "real reduce_precision regularized_incomplete_beta rem round rsqrt select_n shift_left "
+    "shift_right_arithmetic shift_right_logical sign sin sinh sqrt square stop_gradient sub tan "
+    "tanh xor zeta bitcast_convert_type"
+).split()
+# One output per input, each the same value as far as axes go: copies, placement and
+# sharding annotations, and collectives that keep the shape.
+_IDENTITY = (
+    "device_put reshard sharding_constraint mesh_cast optimization_barrier pvary pbroadcast "
+    "psum pmax pmin pmean psum_invariant core_call_identity"
+).split()
+_REDUCTIONS = "reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor".split()
+_CUMULATIVE = "cumsum cumprod cummax cummin cumlogsumexp".split()
+# Kernels whose bodies are not jaxprs over the same values: never guessed through.
+_OPAQUE = frozenset({"pallas_call", "custom_call", "ffi_call", "mosaic_gpu_call", "triton_call"})
+
+
+def _rule(*names: str) -> Callable[[Callable[..., list[_Info]]], Callable[..., list[_Info]]]:
+  def register(fn: Callable[..., list[_Info]]) -> Callable[..., list[_Info]]:
+    for n in names:
+      _RULES[n] = fn
+    return fn
+
+  return register
+
+
+@_rule(*_ELEMENTWISE)
+def _elementwise(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
+  ndim = eqn.outvars[0].aval.ndim
+  for v, info in zip(eqn.invars, ins, strict=True):
+    if info.origins and v.aval.ndim != ndim:  # pragma: no cover - jaxprs broadcast explicitly
+      return _unfollowable(interp, eqn, ins, "operands of different rank")
+  return [interp.join(ins, eqn, eqn.primitive.name)] * len(eqn.outvars)
+
+
+def _unfollowable(interp: _Interpreter, eqn: Any, ins: list[_Info], why: str) -> list[_Info]:
+  for info in ins:
+    for p in info.origins:
+      interp.record(p, _Use("unfollowable", None, f"{eqn.primitive.name} ({why})",
+                            interp.where(eqn)))
+  return [_TAINTED if any(i.tainted for i in ins) else _CONST] * len(eqn.outvars)
+
+
+@_rule(*_IDENTITY)
+def _identity(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
+  if len(ins) < len(eqn.outvars):
+    return _unfollowable(interp, eqn, ins, "fewer inputs than outputs")
+  return list(ins[: len(eqn.outvars)])
+
+
+@_rule("all_gather")
+def _all_gather(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
+  if eqn.params.get("tiled"):
+    return list(ins)
+  axis = eqn.params["all_gather_dimension"]
+  return [_map_origins(ins[0], lambda o: dataclasses.replace(
+      o, dims=o.dims[:axis] + (_NONE,) + o.dims[axis:]))]
+
+
+@_rule("transpose")
+def _transpose(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
+  perm = eqn.params["permutation"]
+  return [_map_origins(ins[0], lambda o: dataclasses.replace(
+      o, dims=tuple(o.dims[p] for p in perm)))]
+
+
+@_rule("broadcast_in_dim")
+def _broadcast_in_dim(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
+  shape, bdims = eqn.params["shape"], eqn.params["broadcast_dimensions"]
+
+  def fn(o: _Origin) -> _Origin:
+    dims = [_NONE] * len(shape)
+    for src, dst in enumerate(bdims):
+      dims[dst] = o.dims[src]
+    return dataclasses.replace(o, dims=tuple(dims))
+
+  return [_map_origins(ins[0], fn)] + [_CONST] * (len(eqn.outvars) - 1)
+
+
+@_rule("squeeze")
+def _squeeze(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
+  drop = {d % eqn.invars[0].aval.ndim for d in eqn.params["dimensions"]}
+  return [_map_origins(ins[0], lambda o: dataclasses.replace(
+      o, dims=tuple(s for d, s in enumerate(o.dims) if d not in drop)))]
+
+
+def _reshape_groups(old: Sequence[int], new: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+  """Splits a reshape into groups of old and new dims with equal products, in order."""
+  groups, i, j = [], 0, 0
+  while i < len(old) or j < len(new):
+    gi, gj = [], []
+    pi = pj = 1
+    while True:
+      if i < len(old) and (pi < pj or (pi == pj and not gi) or (j >= len(new))):
+        pi *= old[i]
+        gi.append(i)
+        i += 1
+      elif j < len(new) and (pj < pi or not gj):
+        pj *= new[j]
+        gj.append(j)
+        j += 1
+      else:
+        break
+      if pi == pj and gi and gj:
+        # Take trailing size-1 dims into the next group rather than this one.
+        break
+    groups.append((gi, gj))
+  return groups
+
+
+@_rule("reshape")
+def _reshape(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
+  if eqn.params.get("dimensions") is not None:
+    return _unfollowable(interp, eqn, ins, "reshape with a dimension order")
+  old, new = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+
+  def fn(o: _Origin) -> _Origin:
+    dims = [_NONE] * len(new)
+    for gi, gj in _reshape_groups(old, new):
+      merged = _union(o.dims[d] for d in gi if old[d] != 1)
+      for d in gj:
+        if new[d] != 1:
+          dims[d] = merged
+    return dataclasses.replace(o, dims=tuple(dims))
+
+  return [_map_origins(ins[0], fn)]
+
+
+def _select(o: _Origin, sizes: Sequence[int], shape: Sequence[int]) -> _Origin:
+  """Slicing: an axis cut down to one element selects one unit of a stack."""
+  chosen = _union(s for s, n, full in zip(o.dims, sizes, shape, strict=True) if n == 1 < full)
+  return dataclasses.replace(o, indexed=o.indexed | chosen)
+
+
+@_rule("rev", "pad", "cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp", "slice",
+       "dynamic_update_slice", "concatenate", "split", "sort")
+def _same_axes(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
+  """Ops whose result axes are the operands' axes (pieces of them, or with values moved along)."""
+  name = eqn.primitive.name
+  ndim = eqn.outvars[0].aval.ndim
+  operands = [(v, i) for v, i in zip(eqn.invars, ins, strict=True) if v.aval.ndim == ndim]
+  if name == "dynamic_update_slice":
+    operands = operands[:2]
+  info = interp.join([i for _, i in operands], eqn, name)
+  if name == "slice":
+    sizes = eqn.outvars[0].aval.shape
+    info = _map_origins(info, lambda o: _select(o, sizes, eqn.invars[0].aval.shape))
+  mixing_axis = {"sort": "dimension"}.get(name, "axis" if name in _CUMULATIVE else None)
+  if mixing_axis is not None:
+    axis = eqn.params[mixing_axis]
+    info = _map_origins(info, lambda o: dataclasses.replace(o, mixed=o.mixed | o.dims[axis]))
+  return [info] * len(eqn.outvars)
+
+
+@_rule(*_REDUCTIONS, "argmax", "argmin")
+def _reduce(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
+  axes = set(eqn.params["axes"])
+  return [_map_origins(ins[0], lambda o: dataclasses.replace(
+      o, dims=tuple(s for d, s in enumerate(o.dims) if d not in axes),
+      mixed=o.mixed | _union(o.dims[d] for d in axes)))]
+
+
+@_rule("dynamic_slice")
+def _dynamic_slice(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
+  operand, indices = ins[0], ins[1:]
+  if any(i.origins for i in indices):
+    return _unfollowable(interp, eqn, ins, "a parameter used as an index")
+  sizes, shape = eqn.params["slice_sizes"], eqn.invars[0].aval.shape
+  if any(i.tainted for i in indices):  # a lookup at data-dependent indices
+    fan_in = [d for d, (n, full) in enumerate(zip(sizes, shape, strict=True)) if n < full]
+    _lookup(interp, eqn, operand, fan_in)
+    return [_TAINTED]
+  return [_map_origins(operand, lambda o: _select(o, sizes, shape))]
+
+
+@_rule("gather")
+def _gather(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
+  operand, indices = ins
+  if indices.origins:
+    return _unfollowable(interp, eqn, ins, "a parameter used as an index")
+  dn = eqn.params["dimension_numbers"]
+  shape = eqn.invars[0].aval.shape
+  sizes = eqn.params["slice_sizes"]
+  picked = set(dn.start_index_map) | set(dn.operand_batching_dims)
+  if indices.tainted:  # an embedding lookup
+    _lookup(interp, eqn, operand, sorted(d for d in picked if sizes[d] < shape[d]))
+    return [_TAINTED]
+  # A selection at fixed indices: the kept dims map to the offset dims, the rest are gone.
+  kept = [d for d in range(len(shape))
+          if d not in dn.collapsed_slice_dims and d not in dn.operand_batching_dims]
+  out_ndim = eqn.outvars[0].aval.ndim
+
+  def fn(o: _Origin) -> _Origin:
+    dims = [_NONE] * out_ndim
+    for src, dst in zip(kept, dn.offset_dims, strict=True):
+      dims[dst] = o.dims[src]
+    chosen = _union(o.dims[d] for d in picked if sizes[d] < shape[d])
+    return _Origin(tuple(dims), o.mixed, o.indexed | chosen)
+
+  return [_map_origins(operand, fn)]
+
+
+def _lookup(interp: _Interpreter, eqn: Any, operand: _Info, fan_in: Sequence[int]) -> None:
+  """An embedding-style lookup: the looked-up axes act as a one-hot fan-in."""
+  for p, o in operand.origins.items():
+    if interp.centralize_lookups:
+      interp.contraction(o, p, fan_in, eqn, f"{eqn.primitive.name} (lookup)", kind="lookup")
+    else:
+      interp.record(p, _Use("lookup", None, f"{eqn.primitive.name} (lookup at data indices)",
+                            interp.where(eqn)))
+
+
+def _contract(interp: _Interpreter, eqn: Any, ins: list[_Info], contracting: Sequence[
+    Sequence[int]], out_dims: Callable[[int, _Origin], tuple[Axes, ...]]) -> list[_Info]:
+  """A bilinear op: a parameter side meeting activations is a use; between parameters, a value."""
+  name = eqn.primitive.name
+  if any(i.tainted for i in ins):
+    for info, cs in zip(ins, contracting, strict=False):
+      for p, o in info.origins.items():
+        interp.contraction(o, p, cs, eqn, name)
+    return [_TAINTED]
+  merged: dict[int, _Origin] = {}
+  for side, (info, cs) in enumerate(zip(ins, contracting, strict=False)):
+    for p, o in info.origins.items():
+      new = _Origin(out_dims(side, o), o.mixed | _union(o.dims[d] for d in cs), o.indexed)
+      merged[p] = merged[p].join(new) if p in merged else new
+  return [_with_origins(merged)]
+
+
+@_rule("dot_general")
+def _dot_general(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  nl, nr = (v.aval.ndim for v in eqn.invars)
+  lfree = [d for d in range(nl) if d not in lc and d not in lb]
+  rfree = [d for d in range(nr) if d not in rc and d not in rb]
+
+  def out_dims(side: int, o: _Origin) -> tuple[Axes, ...]:
+    batch, free = (lb, lfree) if side == 0 else (rb, rfree)
+    pad = [_NONE] * (len(rfree) if side == 0 else len(lfree))
+    own = [o.dims[d] for d in free]
+    return tuple([o.dims[d] for d in batch] + (own + pad if side == 0 else pad + own))
+
+  return _contract(interp, eqn, ins, (lc, rc), out_dims)
+
+
+@_rule("ragged_dot_general")
+def _ragged_dot_general(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
+  # Grouped matmuls (mixture of experts): the rhs group dim indexes experts, an output axis.
+  dn = eqn.params["ragged_dot_dimension_numbers"]
+  (lc, rc), _ = dn.dot_dimension_numbers
+  if not any(i.tainted for i in ins) or ins[0].origins or ins[2].origins:
+    return _unfollowable(interp, eqn, ins, "grouped matmul between parameters")
+  for p, o in ins[1].origins.items():
+    interp.contraction(o, p, rc, eqn, eqn.primitive.name)
+  return [_TAINTED]
+
+
+@_rule("conv_general_dilated")
+def _conv(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
+  lhs, rhs = ins
+  if lhs.origins or not lhs.tainted:
+    return _unfollowable(interp, eqn, ins, "a parameter as the convolution's input, or a "
+                         "convolution between parameters")
+  rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out feature, in feature, *spatial)
+  for p, o in rhs.origins.items():
+    interp.contraction(o, p, rhs_spec[1:], eqn, eqn.primitive.name)
+  return [_TAINTED]
+
+
+@_rule("scan")
+def _scan(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
+  p = eqn.params
+  body, nc, ncarry = p["jaxpr"], p["num_consts"], p["num_carry"]
+  consts, carry, xs = ins[:nc], ins[nc:nc + ncarry], ins[nc + ncarry:]
+  # Each iteration sees one slice of xs: the stacked axis is selected one index at a time.
+  xs = [_map_origins(x, lambda o: _Origin(o.dims[1:], o.mixed, o.indexed | o.dims[0]))
+        for x in xs]
+  consts_in = [_CONST] * len(body.consts)
+
+  def step(c: list[_Info]) -> list[_Info]:
+    return interp.run_inside(eqn, body.jaxpr, consts_in, [*consts, *c, *xs])
+
+  carry = interp.solve_loop(step, list(carry), eqn)
+  ys = step(carry)[ncarry:]
+  ys = [_map_origins(y, lambda o: dataclasses.replace(o, dims=(_NONE, *o.dims))) for y in ys]
+  return [*carry, *ys]
+
+
+@_rule("while")
+def _while(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
+  p = eqn.params
+  cn, bn = p["cond_nconsts"], p["body_nconsts"]
+  cconsts, bconsts, carry = ins[:cn], ins[cn:cn + bn], ins[cn + bn:]
+  cond, body = p["cond_jaxpr"], p["body_jaxpr"]
+
+  def step(c: list[_Info]) -> list[_Info]:
+    interp.run_inside(eqn, cond.jaxpr, [_CONST] * len(cond.consts), [*cconsts, *c])
+    return interp.run_inside(eqn, body.jaxpr, [_CONST] * len(body.consts), [*bconsts, *c])
+
+  return interp.solve_loop(step, list(carry), eqn)
+
+
+@_rule("cond")
+def _cond(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
+  if ins[0].origins:
+    return _unfollowable(interp, eqn, ins, "a parameter as the branch index")
+  outs = [interp.run_inside(eqn, b.jaxpr, [_CONST] * len(b.consts), ins[1:])
+          for b in eqn.params["branches"]]
+  merged = [interp.join(list(vals), eqn, "cond output") for vals in zip(*outs, strict=True)]
+  if ins[0].tainted:  # a data-dependent choice between parameter values is an activation
+    merged = [interp.join([m, _TAINTED], eqn, "data-dependent cond") if m.origins else m
+              for m in merged]
+  return merged
+
+
+# ------------------------------------------------------------------------------------------------
+# The public function.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+  """What was inferred for one parameter: the spec, and why."""
+
+  path: str
+  keypath: str
+  shape: tuple[int, ...] | None
+  output: AxisSpec
+  reason: str
+  uses: tuple[_Use, ...]
+  error: str | None = None
+
+
+def _is_array(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+
+
+def _decide(leaf_path: Any, shape: tuple[int, ...], uses: Sequence[_Use]) -> tuple[AxisSpec, str,
+                                                                                      str | None]:
+  """The spec from a parameter's uses: ``(output, reason, error)``."""
+  bad = [u for u in uses if u.kind in ("unfollowable", "inconsistent")]
+  implied = {u.output for u in uses}
+  if bad or len(implied) > 1:
+    why = "a use cannot be followed" if bad else "its uses disagree"
+    return None, why, why
+  if not uses:
+    return None, "no use reaches the activations: left alone", None
+  output = next(iter(implied))
+  first = uses[0]
+  if output is None:
+    kinds = {u.kind for u in uses}
+    if kinds == {"lookup"}:
+      return None, "lookup (gather): left alone", None
+    return None, "elementwise only (bias, scale): left alone", None
+  fan_in = [a for a in range(len(shape)) if a not in output]
+  if int(np.prod([shape[a] for a in fan_in])) == 1:
+    return None, f"{first.detail}: no fan-in, left alone", None
+  reasons = sorted({u.detail for u in uses})
+  return output, "; ".join(reasons), None
+
+
+def _analyze(
+    fn: Callable[..., Any], params: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+    *, state: Any = None, overrides: Mapping[str, Any] | None, centralize_lookups: bool,
+) -> tuple[Any, list[_Leaf]]:
+  """Traces ``fn(params, *args, **kwargs)`` and returns ``(treedef, leaves)`` of ``params``.
+
+  ``state`` is traced too, as model state that is not data (``fn`` is then called as
+  ``fn(params, state, *args, **kwargs)``).
+  """
+  p_paths, p_def = jax.tree_util.tree_flatten_with_path(params)
+  p_leaves = [x for _, x in p_paths]
+  is_param = [_is_array(x) for x in p_leaves]
+  s_leaves, s_def = jax.tree_util.tree_flatten(state)
+  a_leaves, a_def = jax.tree_util.tree_flatten((args, kwargs))
+  a_dyn = [i for i, x in enumerate(a_leaves) if _is_array(x)]
+  if not a_dyn:
+    raise ValueError(
+        "optax_gc.infer_output_axes: no array among the example inputs. Pass the model's "
+        "input (an array or a jax.ShapeDtypeStruct) as an argument after params, not closed "
+        "over: only values passed as arguments count as data.")
+
+  def traced(p_arrays: list[Any], s_arrays: list[Any], a_arrays: list[Any]) -> Any:
+    leaves = list(p_leaves)
+    for i, x in zip([i for i, ok in enumerate(is_param) if ok], p_arrays, strict=True):
+      leaves[i] = x
+    a_all = list(a_leaves)
+    for i, x in zip(a_dyn, a_arrays, strict=True):
+      a_all[i] = x
+    call_args, call_kwargs = jax.tree_util.tree_unflatten(a_def, a_all)
+    p = jax.tree_util.tree_unflatten(p_def, leaves)
+    if state is None:
+      return fn(p, *call_args, **call_kwargs)
+    return fn(p, jax.tree_util.tree_unflatten(s_def, s_arrays), *call_args, **call_kwargs)
+
+  p_arrays = [x for x, ok in zip(p_leaves, is_param, strict=True) if ok]
+  closed = jax.make_jaxpr(traced)(p_arrays, s_leaves, [a_leaves[i] for i in a_dyn])
+  jaxpr = closed.jaxpr
+  infos = [_Info(False, {k: _Origin(tuple(frozenset({a}) for a in range(np.ndim(x))))})
+           for k, x in enumerate(p_arrays)]
+  infos = [_with_origins(i.origins) for i in infos]
+  infos += [_CONST] * len(s_leaves)
+  for i in a_dyn:  # PRNG keys are not data: a mask drawn from one is a constant here
+    key = jax.dtypes.issubdtype(getattr(a_leaves[i], "dtype", None), jax.dtypes.prng_key)
+    infos.append(_CONST if key else _TAINTED)
+  interp = _Interpreter(centralize_lookups)
+  interp.run(jaxpr, [_CONST] * len(closed.consts), infos)
+
+  patterns = [(re.compile(k), v) for k, v in (overrides or {}).items()]
+  out: list[_Leaf] = []
+  k = 0
+  for (path, x), ok in zip(p_paths, is_param, strict=True):
+    simple = jax.tree_util.keystr(path, simple=True, separator="/")
+    keypath = jax.tree_util.keystr(path)
+    if not ok:
+      out.append(_Leaf(simple, keypath, None, None, "not an array: left alone", ()))
+      continue
+    shape = tuple(np.shape(x))
+    uses = tuple(interp.uses.get(k, {}))
+    k += 1
+    match = next(((pat, v) for pat, v in patterns if pat.fullmatch(simple)), None)
+    if match is not None:
+      value = match[1]
+      value = None if value is None else _sorted(
+          a % max(len(shape), 1) for a in (value if isinstance(value, tuple) else (value,)))
+      out.append(_Leaf(simple, keypath, shape, value, f"override {match[0].pattern!r}", uses))
+      continue
+    output, reason, error = _decide(path, shape, uses)
+    out.append(_Leaf(simple, keypath, shape, output, reason, uses, error))
+  return p_def, out
+
+
+def _raise_errors(leaves: Sequence[_Leaf]) -> None:
+  bad = [leaf for leaf in leaves if leaf.error]
+  if not bad:
+    return
+  lines = [f"optax_gc.infer_output_axes: cannot infer the output axes of {len(bad)} "
+           f"parameter{'s' if len(bad) > 1 else ''}:"]
+  for leaf in bad:
+    lines.append(f"- leaf {leaf.keypath} with shape {leaf.shape}: {leaf.error}:")
+    lines.extend(f"    {u.describe()}" for u in leaf.uses)
+  lines.append(
+      "Give such leaves a spec of their own with overrides={regex: axes}, the regex matching "
+      "the path written as in " + repr(bad[0].path) + " (None leaves the leaf alone).")
+  raise ValueError("\n".join(lines))
+
+
+def format_table(leaves: Sequence[_Leaf]) -> str:
+  """A plain-text table: path, shape, output axes, fan-in axes, reason."""
+  rows = [("path", "shape", "output axes", "fan-in axes", "reason")]
+  for leaf in leaves:
+    shape = "-" if leaf.shape is None else str(leaf.shape)
+    if leaf.output is None or leaf.shape is None:
+      out, fan = "None", "-"
+    else:
+      out = str(leaf.output)
+      fan = str(tuple(a for a in range(len(leaf.shape)) if a not in leaf.output))
+    rows.append((leaf.path or "<root>", shape, out, fan, leaf.reason))
+  widths = [max(len(r[i]) for r in rows) for i in range(4)]
+  return "\n".join(
+      "  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4]
+      for r in rows).rstrip()
+
+
+def infer_from(
+    fn: Callable[..., Any], params: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *,
+    state: Any = None, overrides: Mapping[str, Any] | None = None,
+    centralize_lookups: bool = False, report: Callable[[str], Any] | None = None,
+) -> Any:
+  """:func:`infer_output_axes` with the example inputs as a tuple and a dict (and model state)."""
+  treedef, leaves = _analyze(fn, params, args, kwargs, state=state, overrides=overrides,
+                             centralize_lookups=centralize_lookups)
+  if report is not None:
+    report(format_table(leaves))
+  _raise_errors(leaves)
+  return jax.tree_util.tree_unflatten(treedef, [leaf.output for leaf in leaves])
+
+
+def infer_output_axes(
+    fn: Callable[..., Any],
+    params: Any,
+    *args: Any,
+    overrides: Mapping[str, int | tuple[int, ...] | None] | None = None,
+    centralize_lookups: bool = False,
+    report: Callable[[str], Any] | None = None,
+    **kwargs: Any,
+) -> Any:
+  r"""Reads each parameter's output axes from the model itself, for :func:`centralize`.
+
+  Traces ``fn(params, *args, **kwargs)`` with ``jax.make_jaxpr`` (nothing is compiled or run)
+  and follows every parameter to the contraction where it meets the activations. There, the
+  dimension numbers name its fan-in: for ``dot_general`` the parameter's contracting dims, for
+  ``conv_general_dilated`` the kernel's input-feature and spatial dims. Every other axis indexes
+  output units (free and batch dims, the output-feature dim), and so does a stacking axis over
+  which the parameter is scanned, vmapped or indexed per layer. GC then takes, for each output
+  unit, the mean over the fan-in:
+
+  .. math::
+
+    \Phi(g) = g - \operatorname{mean}_{a \notin O}(g), \qquad
+    O = \text{the inferred output axes}.
+
+  The parameter is followed through shape ops (transpose, reshape where the axes map,
+  broadcast, slice, pad, ...), elementwise ops and scaling by other values (LoRA, weight norm),
+  sharding annotations (``sharding_constraint``, ``reshard``, ``mesh_cast``) and sub-jaxprs
+  (``jit``, ``custom_jvp``/``custom_vjp``, ``remat``, ``cond``, ``while``, ``scan``,
+  ``shard_map``). A parameter gets ``None`` (GC leaves it alone) when no use contracts it:
+  biases of any rank and norm scales (elementwise with the activations), unused parameters,
+  and embedding tables used only by a lookup. GC's derivation assumes dense inputs, and
+  centralizing a table would turn a sparse update into a dense one; ``centralize_lookups=True``
+  treats a lookup as the one-hot product it equals, with the looked-up axis as fan-in.
+
+  Every use of a parameter counts. If its uses disagree (a tied embedding used for the lookup
+  and for the logits, ``W`` and ``W.T`` in a tied autoencoder, a reshape that merges fan-in and
+  output axes), or if one use reaches a primitive without a rule (an opaque custom call, a
+  Pallas kernel), nothing is guessed: a ``ValueError`` names each such leaf's key path and
+  shape and lists each use with the axes it implies and where in the code it is. Give those
+  leaves a spec of their own with ``overrides``.
+
+  Args:
+    fn: the model, as a function ``fn(params, *args, **kwargs)``.
+    params: the parameters: a pytree of arrays or ``jax.ShapeDtypeStruct``\ s (so a model too
+      big for memory can be inspected). Leaves that are not arrays get ``None``.
+    *args: example inputs. Array leaves (arrays or ``jax.ShapeDtypeStruct``\ s) are traced and
+      count as data; other leaves (``train=True``, ...) are passed as they are.
+    overrides: maps a regex to an output-axis spec (an int, a tuple of ints, or ``None``). A
+      leaf whose path, written like ``'layers/0/attn/kernel'``, fully matches a regex gets that
+      spec instead of the inferred one; its conflicts are not raised. The first match wins.
+    centralize_lookups: treat embedding lookups as contractions over the looked-up axis,
+      instead of leaving lookup-only tables alone.
+    report: if given, called with a table (one row per leaf: path, shape, output axes, fan-in
+      axes and the reason), for example ``report=print``; called before any error is raised.
+    **kwargs: keyword inputs, treated like ``args``.
+
+  Returns:
+    A pytree with the structure of ``params`` whose leaves are a sorted tuple of non-negative
+    ints (the output axes) or ``None`` (left alone). ``optax_gc.centralize(output_axis=...)``
+    and every alias's ``output_axis`` take it as it is.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import optax, optax_gc
+    >>> def attention_q(params, x):  # q/k/v-style kernel (in, heads, head_dim)
+    ...   return jnp.einsum('btd,dnh->btnh', x, params['q']) + params['b']
+    >>> params = {'q': jnp.ones((8, 2, 4)), 'b': jnp.zeros((2, 4))}
+    >>> x = jax.ShapeDtypeStruct((1, 5, 8), jnp.float32)
+    >>> spec = optax_gc.infer_output_axes(attention_q, params, x)
+    >>> spec
+    {'b': None, 'q': (1, 2)}
+    >>> tx = optax.chain(optax_gc.centralize(spec), optax.adamw(1e-3))
+    >>> _ = optax_gc.infer_output_axes(attention_q, params, x, report=print)
+    path  shape      output axes  fan-in axes  reason
+    b     (2, 4)     None         -            elementwise only (bias, scale): left alone
+    q     (8, 2, 4)  (1, 2)       (0,)         dot_general, contracting (0,)
+
+  References:
+    Yong, Huang, Hua and Zhang, `Gradient Centralization: A New Optimization
+    Technique for Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_,
+    ECCV 2020.
+
+    The jaxpr language: https://docs.jax.dev/en/latest/jaxpr.html
+  """
+  return infer_from(fn, params, args, kwargs, overrides=overrides,
+                    centralize_lookups=centralize_lookups, report=report)
