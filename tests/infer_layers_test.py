@@ -20,6 +20,7 @@ default ``output_axis=-1`` is wrong.
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -56,6 +57,19 @@ def _key(path: Any) -> str:
 def _flat(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> dict[str, Any]:
   leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
   return {_key(p): x for p, x in leaves}
+
+
+def _spec_by_key(spec: Any, params: Any) -> dict[str, Any]:
+  """The leaves of a spec tree, by the key of the parameter they belong to."""
+  keys = list(_flat(params))
+  return dict(zip(keys, jax.tree_util.tree_structure(params).flatten_up_to(spec), strict=True))
+
+
+def _abstract(tree: Any) -> Any:
+  """Every array leaf as a ``jax.ShapeDtypeStruct``."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+      if isinstance(x, (jax.Array, np.ndarray)) else x, tree)
 
 
 def _replace(tree: Any, key: str, value: Any) -> Any:
@@ -105,6 +119,7 @@ class Layer:
   truths: dict[str, Callable[[], Spec]]  # per parameter: the Jacobian truth
   default_wrong: tuple[str, ...]  # where centralize()'s default output_axis=-1 is wrong
   infer_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  nnx_model: Any = None  # for optax_gc.nnx_output_axes(nnx_model, *args)
 
 
 CASES: dict[str, Callable[[], Layer]] = {}
@@ -142,7 +157,7 @@ def _nnx(module, method: str = "__call__"):
 def _nnx_whole(module, *args, features=(-1,), expected, default_wrong=(), **kw) -> Layer:
   fn, params = _nnx(module)
   return Layer(fn, params, args, expected, measure_all(fn, params, *args, features=features),
-               default_wrong, **kw)
+               default_wrong, nnx_model=module, **kw)
 
 
 @case
@@ -239,7 +254,7 @@ def nnx_multi_head_attention():
   fn, params = _nnx(m)
   return Layer(fn, params, (x,), expected, truths,
                default_wrong=tuple(f"{n}/{leaf}" for n in ("query", "key", "value")
-                                   for leaf in ("kernel", "bias")))
+                                   for leaf in ("kernel", "bias")), nnx_model=m)
 
 
 @case
@@ -294,7 +309,7 @@ def nnx_lora_linear():
       hidden, _flat(lora_params)["lora_a"], x)
   return Layer(fn, params, (x,),
                {"kernel": (1,), "bias": None, "lora/lora_a": (1,), "lora/lora_b": (1,)},
-               truths, default_wrong=())
+               truths, default_wrong=(), nnx_model=m)
 
 
 def _nnx_stack(forward: str):
@@ -851,13 +866,108 @@ def test_inference(name):
   """Inference on the whole layer's forward equals the truth, for every parameter."""
   layer = build(name)
   spec = optax_gc.infer_output_axes(layer.fn, layer.params, *layer.args, **layer.infer_kwargs)
-  got = _flat(spec, is_leaf=_is_spec)
+  got = _spec_by_key(spec, layer.params)
   shapes = _shapes(layer)
-  assert set(got) == set(shapes), (sorted(got), sorted(shapes))
   for k, v in got.items():
     assert v is None or (isinstance(v, tuple) and list(v) == sorted(set(v))
                          and all(0 <= a < len(shapes[k]) for a in v)), (k, v)
-  got = {k: _truth.canonical(v, shapes[k]) for k, v in got.items()}
+  canon = {k: _truth.canonical(v, shapes[k]) for k, v in got.items()}
   want = {k: _truth.canonical(v, shapes[k]) for k, v in layer.expected.items()}
-  assert got == want, {k: (shapes[k], "inferred", got[k], "truth", want[k])
-                       for k in shapes if got[k] != want[k]}
+  assert canon == want, {k: (shapes[k], "inferred", canon[k], "truth", want[k])
+                         for k in shapes if canon[k] != want[k]}
+  # Trace-only: jax.ShapeDtypeStruct parameters and inputs give the same spec.
+  abstract = optax_gc.infer_output_axes(layer.fn, _abstract(layer.params),
+                                        *_abstract(layer.args), **layer.infer_kwargs)
+  assert _spec_by_key(abstract, layer.params) == got
+  if layer.nnx_model is not None:
+    nnx_spec = optax_gc.nnx_output_axes(layer.nnx_model, *layer.args, **layer.infer_kwargs)
+    # A pure nnx.State, the structure of nnx.state(model, nnx.Param) without Variables.
+    assert _flat(nnx_spec, is_leaf=_is_spec) == got
+
+
+_LOOKUPS = ("nnx_embed_lookup", "linen_embed_lookup", "eqx_embedding")
+
+
+@pytest.mark.parametrize("name", _LOOKUPS)
+def test_lookup_tables_are_left_alone_by_default(name):
+  layer = build(name)
+  spec = optax_gc.infer_output_axes(layer.fn, layer.params, *layer.args)
+  assert list(_spec_by_key(spec, layer.params).values()) == [None]
+
+
+def _tied_nnx():
+  from flax import nnx
+
+  m = nnx.Embed(6, 4, rngs=nnx.Rngs(0))
+  fn, params = _nnx(m)
+  return (lambda p, ids: fn(p, ids) @ p["embedding"][...].T), params, "embedding/value"
+
+
+def _tied_nnx_attend():
+  from flax import nnx
+
+  m = nnx.Embed(6, 4, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(m)
+
+  def fn(p, ids):
+    e = nnx.merge(graphdef, p)
+    return e.attend(e(ids))
+
+  return fn, params, "embedding/value"
+
+
+def _tied_linen():
+  import flax.linen as nn
+
+  m = nn.Embed(6, 4)
+  params = m.init(jax.random.key(0), _TOKENS)["params"]
+  fn = lambda p, ids: m.apply({"params": p}, m.apply({"params": p}, ids),  # noqa: E731
+                              method=m.attend)
+  return fn, params, "embedding"
+
+
+@pytest.mark.parametrize("make", [_tied_nnx, _tied_nnx_attend, _tied_linen])
+def test_tied_embedding_is_a_conflict(make):
+  """Lookup and logits imply different output axes: the error lists both uses."""
+  fn, params, key = make()
+  with pytest.raises(ValueError) as e:
+    optax_gc.infer_output_axes(fn, params, _TOKENS)
+  msg = str(e.value)
+  assert "(6, 4)" in msg and "embedding" in msg, msg
+  assert "gather" in msg and "dot_general" in msg and "output axes (0,)" in msg, msg
+  # The two truths: (1,) for the lookup, (0,) for the logits (see truth_test.py).
+  spec = optax_gc.infer_output_axes(fn, params, _TOKENS, overrides={key: (0,)})
+  assert list(_spec_by_key(spec, params).values()) == [(0,)]
+  spec = optax_gc.infer_output_axes(fn, params, _TOKENS, overrides={key: None})
+  assert list(_spec_by_key(spec, params).values()) == [None]
+
+
+def _conflict_w_and_w_t(p, x):  # a tied autoencoder
+  return (x @ p["w"]) @ p["w"].T
+
+
+def _conflict_merging_reshape(p, x):  # (4, 5) -> (2, 10) mixes fan-in and output entries
+  return x[..., :2] @ p["w"].reshape(2, 10)
+
+
+def _opaque(p, x):  # a primitive without a rule
+  w = jax.pure_callback(lambda w: w, jax.ShapeDtypeStruct((4, 4), jnp.float32), p["w"])
+  return x @ w
+
+
+@pytest.mark.parametrize("fn, shape, words", [
+    (_conflict_w_and_w_t, (4, 4), ("contracting (0,)", "contracting (1,)")),
+    (_conflict_merging_reshape, (4, 5), ("dot_general",)),
+    (_opaque, (4, 4), ("pure_callback",)),
+])
+def test_conflicts_and_unfollowable_uses_raise(fn, shape, words):
+  params = {"w": jnp.ones(shape), "b": jnp.ones(4)}
+  x = _x(3, 4)
+  with pytest.raises(ValueError, match=r"\['w'\] with shape " + re.escape(str(shape))) as e:
+    optax_gc.infer_output_axes(lambda p, x: fn(p, x) + 0 * p["b"].sum(), params, x)
+  assert "'b'" not in str(e.value).replace("['w']", "")
+  for word in words:
+    assert word in str(e.value), str(e.value)
+  spec = optax_gc.infer_output_axes(lambda p, x: fn(p, x) + 0 * p["b"].sum(), params, x,
+                                    overrides={"w": (1,)})
+  assert spec == {"w": (1,), "b": None}
