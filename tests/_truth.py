@@ -202,3 +202,52 @@ def fan_in_axes(w_shape: Sequence[int], spec: Spec) -> tuple[int, ...]:
   """The axes a spec averages over: every axis that is not an output axis."""
   keep = () if spec is None else spec
   return tuple(a for a in range(len(w_shape)) if a not in keep)
+
+
+def path_key(path: Any) -> str:
+  """A key path written like ``layers/0/kernel`` (an NNX ``Variable``'s ``/value`` dropped)."""
+  return jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
+
+
+def by_key(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> dict[str, Any]:
+  """The leaves of ``tree`` by :func:`path_key`."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+  return {path_key(p): x for p, x in leaves}
+
+
+def replace(tree: Any, key: str, value: Any) -> Any:
+  """``tree`` with its leaf at ``key`` (a :func:`path_key`) replaced by ``value``."""
+  found = []
+
+  def swap(path, x):
+    if path_key(path) == key:
+      found.append(key)
+      return value
+    return x
+
+  out = jax.tree_util.tree_map_with_path(swap, tree)
+  if found != [key]:
+    raise KeyError(f"{key!r} is not one leaf of a tree with leaves {sorted(by_key(tree))}")
+  return out
+
+
+def leaf_output_axes(
+    fn: Callable[..., jax.Array],
+    params: Any,
+    key: str,
+    *inputs: Any,
+    feature_axes: Sequence[int] = (-1,),
+    draws: int = 3,
+    seed: int = 0,
+) -> Spec:
+  """:func:`output_axes` of the leaf ``key`` of ``params`` in ``fn(params, *inputs)``.
+
+  Each draw randomizes that leaf, every other floating leaf of ``params`` and the floating
+  ``inputs``.
+  """
+
+  def apply(w, p, *xs):
+    return fn(replace(p, key, w), *xs)
+
+  return output_axes(apply, by_key(params)[key], params, *inputs, feature_axes=feature_axes,
+                     draws=draws, seed=seed)

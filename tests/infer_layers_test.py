@@ -48,15 +48,8 @@ def _is_spec(x: Any) -> bool:
   return x is None or (isinstance(x, tuple) and all(isinstance(a, int) for a in x))
 
 
-def _key(path: Any) -> str:
-  """``layers/0/kernel``; an NNX ``Variable``'s trailing ``/value`` is dropped."""
-  key = jax.tree_util.keystr(path, simple=True, separator="/")
-  return key.removesuffix("/value")
-
-
-def _flat(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> dict[str, Any]:
-  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
-  return {_key(p): x for p, x in leaves}
+_flat = _truth.by_key
+_replace = _truth.replace
 
 
 def _spec_by_key(spec: Any, params: Any) -> dict[str, Any]:
@@ -72,35 +65,11 @@ def _abstract(tree: Any) -> Any:
       if isinstance(x, (jax.Array, np.ndarray)) else x, tree)
 
 
-def _replace(tree: Any, key: str, value: Any) -> Any:
-  """``tree`` with its leaf at ``key`` (a :func:`_key` string) replaced by ``value``."""
-  found = []
-
-  def swap(path, x):
-    if _key(path) == key:
-      found.append(key)
-      return value
-    return x
-
-  out = jax.tree_util.tree_map_with_path(swap, tree)
-  assert found == [key], (key, list(_flat(tree)))
-  return out
-
-
 def measure(
     fn: Callable[..., Any], params: Any, key: str, *inputs: Any, features=(-1,)
 ) -> Callable[[], Spec]:
-  """The Jacobian truth of leaf ``key`` of ``params`` in ``fn(params, *inputs)`` (lazy).
-
-  Each draw randomizes the leaf, every other floating leaf of ``params`` and
-  the floating ``inputs``.
-  """
-  leaf = _flat(params)[key]
-
-  def apply(w, p, *xs):
-    return fn(_replace(p, key, w), *xs)
-
-  return lambda: _truth.output_axes(apply, leaf, params, *inputs, feature_axes=features)
+  """The Jacobian truth of leaf ``key`` of ``params`` in ``fn(params, *inputs)`` (lazy)."""
+  return lambda: _truth.leaf_output_axes(fn, params, key, *inputs, feature_axes=features)
 
 
 def measure_all(fn, params, *inputs, features=(-1,)) -> dict[str, Callable[[], Spec]]:
