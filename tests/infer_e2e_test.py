@@ -29,8 +29,9 @@ def _fast_compiles():
   jax.config.update("jax_disable_most_optimizations", previous)
 
 
-def _x(*shape):
-  return jax.random.normal(jax.random.key(sum(shape)), shape)
+def _x(*shape: int) -> jax.Array:
+  """Random normal inputs (NumPy: nothing to compile)."""
+  return jnp.asarray(np.random.default_rng(sum(shape)).standard_normal(shape), jnp.float32)
 
 
 class Block(nnx.Module):
@@ -140,7 +141,7 @@ def _nnx_step(model, x, loss_fn):
   before = nnx.as_pure(nnx.state(model, nnx.Param))  # the trees nnx.Optimizer hands to tx
   raw_grads = nnx.jit(nnx.grad(loss_fn))(model)
   grads = nnx.as_pure(nnx.state(raw_grads, nnx.Param))
-  optimizer.update(model, raw_grads)
+  nnx.jit(lambda o, m, g: o.update(m, g))(optimizer, model, raw_grads)  # a train step
   after = _truth.by_key(nnx.as_pure(nnx.state(model, nnx.Param)))
   # The updates themselves, from the same transformation on the same gradients.
   updates, _ = tx.update(grads, tx.init(before), before)
@@ -152,7 +153,7 @@ def _nnx_step(model, x, loss_fn):
 
 
 def test_transformer_block():
-  model = _perturb_norms(Block(nnx.Rngs(0)))
+  model = _perturb_norms(nnx.jit(lambda: Block(nnx.Rngs(0)))())
   x, target = _x(2, 3, 8), _x(2, 3, 9)[..., :8]
   truths = _kernel_truths_block(model)
   spec, grads, updates = _nnx_step(model, x, lambda m: jnp.mean((m(x) - target) ** 2))
@@ -171,7 +172,7 @@ def test_transformer_block():
 
 
 def test_cnn():
-  model = _perturb_norms(CNN(nnx.Rngs(0)))
+  model = _perturb_norms(nnx.jit(lambda: CNN(nnx.Rngs(0)))())
   x, labels = _x(2, 5, 5, 3), jnp.array([0, 2])
 
   def loss_fn(m):
@@ -189,7 +190,7 @@ def test_cnn():
 def test_equinox_cnn_spec_is_a_module_shaped_tree():
   eqx = pytest.importorskip("equinox")
   k1, k2 = jax.random.split(jax.random.key(0))
-  model = [eqx.nn.Conv2d(3, 4, 3, key=k1), eqx.nn.Linear(4, 3, key=k2)]
+  model = eqx.filter_jit(lambda: [eqx.nn.Conv2d(3, 4, 3, key=k1), eqx.nn.Linear(4, 3, key=k2)])()
 
   class Net(eqx.Module):
     conv: eqx.nn.Conv2d
@@ -211,7 +212,7 @@ def test_equinox_cnn_spec_is_a_module_shaped_tree():
   assert (spec.conv.weight, spec.conv.bias, spec.head.weight, spec.head.bias) == (
       (0,), None, (0,), None)
   tx = optax.chain(optax_gc.centralize(spec), optax.sgd(_LR))
-  grads = jax.grad(loss)(params, x, labels)
+  grads = jax.jit(jax.grad(loss))(params, x, labels)
   updates, _ = tx.update(grads, tx.init(params), params)
   conv_fn = lambda p, x: eqx.combine(p, eqx.partition(model.conv, eqx.is_array)[1])(x)  # noqa: E731
   head_fn = lambda p, x: jax.vmap(  # noqa: E731

@@ -65,6 +65,27 @@ def _abstract(tree: Any) -> Any:
       if isinstance(x, (jax.Array, np.ndarray)) else x, tree)
 
 
+def _filled(tree: Any, seed: int = 0) -> Any:
+  """Concrete values for the ``jax.ShapeDtypeStruct`` leaves of an abstract (eval_shape) tree.
+
+  The weights' values do not matter here (inference only traces; the truth redraws every
+  weight), and filling them with NumPy skips compiling each framework's initializers, which
+  would dominate these tests' time.
+  """
+  rng = np.random.default_rng(seed)
+
+  def fill(x):
+    if not isinstance(x, jax.ShapeDtypeStruct):
+      return x
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(np.zeros(x.shape + (2,), np.uint32))
+    if jnp.issubdtype(x.dtype, jnp.floating):
+      return jnp.asarray(rng.standard_normal(x.shape), x.dtype)
+    return jnp.zeros(x.shape, x.dtype)
+
+  return jax.tree.map(fill, tree)
+
+
 def measure(
     fn: Callable[..., Any], params: Any, key: str, *inputs: Any, features=(-1,)
 ) -> Callable[[], Spec]:
@@ -100,7 +121,8 @@ def case(fn: Callable[[], Layer]) -> Callable[[], Layer]:
 
 
 def _x(*shape: int) -> jax.Array:
-  return jax.random.normal(jax.random.key(sum(shape)), shape)
+  """Random normal inputs (NumPy: nothing to compile)."""
+  return jnp.asarray(np.random.default_rng(sum(shape)).standard_normal(shape), jnp.float32)
 
 
 _TOKENS = jnp.arange(6).reshape(2, 3)  # every row of a 6-row table is looked up.
@@ -109,6 +131,14 @@ _TOKENS = jnp.arange(6).reshape(2, 3)  # every row of a 6-row table is looked up
 # ------------------------------------------------------------------------------------------
 # Flax NNX
 # ------------------------------------------------------------------------------------------
+
+
+def _new(ctor: Callable[[], Any]) -> Any:
+  """``ctor()``, an NNX module, built abstractly and filled (see :func:`_filled`)."""
+  from flax import nnx
+
+  graphdef, state = nnx.split(nnx.eval_shape(ctor))
+  return nnx.merge(graphdef, _filled(state))
 
 
 def _nnx(module, method: str = "__call__"):
@@ -133,7 +163,7 @@ def _nnx_whole(module, *args, features=(-1,), expected, default_wrong=(), **kw) 
 def nnx_linear():
   from flax import nnx
 
-  m = nnx.Linear(4, 5, rngs=nnx.Rngs(0))
+  m = _new(lambda: nnx.Linear(4, 5, rngs=nnx.Rngs(0)))
   return _nnx_whole(m, _x(2, 3, 4), expected={"kernel": (1,), "bias": None})
 
 
@@ -141,7 +171,7 @@ def nnx_linear():
 def nnx_conv1d():
   from flax import nnx
 
-  m = nnx.Conv(3, 6, kernel_size=(3,), rngs=nnx.Rngs(0))
+  m = _new(lambda: nnx.Conv(3, 6, kernel_size=(3,), rngs=nnx.Rngs(0)))
   return _nnx_whole(m, _x(2, 7, 3), expected={"kernel": (2,), "bias": None})
 
 
@@ -149,7 +179,7 @@ def nnx_conv1d():
 def nnx_conv2d_grouped():
   from flax import nnx
 
-  m = nnx.Conv(4, 6, kernel_size=(3, 3), feature_group_count=2, rngs=nnx.Rngs(0))
+  m = _new(lambda: nnx.Conv(4, 6, kernel_size=(3, 3), feature_group_count=2, rngs=nnx.Rngs(0)))
   return _nnx_whole(m, _x(1, 5, 5, 4), expected={"kernel": (3,), "bias": None})
 
 
@@ -158,7 +188,7 @@ def nnx_conv2d_depthwise():
   from flax import nnx
 
   # kernel (3, 3, 1, 6): the size-1 input axis is neither output nor fan-in.
-  m = nnx.Conv(3, 6, kernel_size=(3, 3), feature_group_count=3, rngs=nnx.Rngs(0))
+  m = _new(lambda: nnx.Conv(3, 6, kernel_size=(3, 3), feature_group_count=3, rngs=nnx.Rngs(0)))
   return _nnx_whole(m, _x(1, 5, 5, 3), expected={"kernel": (3,), "bias": None})
 
 
@@ -166,7 +196,7 @@ def nnx_conv2d_depthwise():
 def nnx_conv_transpose():
   from flax import nnx
 
-  m = nnx.ConvTranspose(3, 5, kernel_size=(3, 3), strides=(2, 2), rngs=nnx.Rngs(0))
+  m = _new(lambda: nnx.ConvTranspose(3, 5, kernel_size=(3, 3), strides=(2, 2), rngs=nnx.Rngs(0)))
   return _nnx_whole(m, _x(1, 4, 4, 3), expected={"kernel": (3,), "bias": None})
 
 
@@ -175,8 +205,8 @@ def nnx_conv_transpose_transpose_kernel():
   from flax import nnx
 
   # transpose_kernel=True stores (kh, kw, out, in).
-  m = nnx.ConvTranspose(3, 5, kernel_size=(3, 3), strides=(2, 2), transpose_kernel=True,
-                        rngs=nnx.Rngs(0))
+  m = _new(lambda: nnx.ConvTranspose(3, 5, kernel_size=(3, 3), strides=(2, 2),
+                                     transpose_kernel=True, rngs=nnx.Rngs(0)))
   return _nnx_whole(m, _x(1, 4, 4, 3), expected={"kernel": (2,), "bias": None},
                     default_wrong=("kernel",))
 
@@ -185,7 +215,7 @@ def nnx_conv_transpose_transpose_kernel():
 def nnx_linear_general():
   from flax import nnx
 
-  m = nnx.LinearGeneral(4, (3, 5), rngs=nnx.Rngs(0))
+  m = _new(lambda: nnx.LinearGeneral(4, (3, 5), rngs=nnx.Rngs(0)))
   return _nnx_whole(m, _x(2, 3, 4), features=(-2, -1),
                     expected={"kernel": (1, 2), "bias": None},
                     default_wrong=("kernel", "bias"))
@@ -196,7 +226,7 @@ def nnx_linear_general_batch_axis():
   from flax import nnx
 
   # One (in, out) kernel per index of the input's axis 0: kernel (3, 4, 5).
-  m = nnx.LinearGeneral(4, 5, axis=-1, batch_axis={0: 3}, rngs=nnx.Rngs(0))
+  m = _new(lambda: nnx.LinearGeneral(4, 5, axis=-1, batch_axis={0: 3}, rngs=nnx.Rngs(0)))
   return _nnx_whole(m, _x(3, 2, 4), features=(0, -1),
                     expected={"kernel": (0, 2), "bias": None},
                     default_wrong=("kernel", "bias"))
@@ -206,8 +236,9 @@ def nnx_linear_general_batch_axis():
 def nnx_multi_head_attention():
   from flax import nnx
 
-  m = nnx.MultiHeadAttention(num_heads=2, in_features=6, qkv_features=8, out_features=5,
-                             decode=False, rngs=nnx.Rngs(0))
+  m = _new(lambda: nnx.MultiHeadAttention(
+      num_heads=2, in_features=6, qkv_features=8, out_features=5, decode=False,
+      rngs=nnx.Rngs(0)))
   x = _x(2, 3, 6)
   truths = {}
   for name in ("query", "key", "value"):
@@ -230,7 +261,7 @@ def nnx_multi_head_attention():
 def nnx_einsum():
   from flax import nnx
 
-  m = nnx.Einsum("btd,ndh->btnh", (3, 4, 5), (3, 5), rngs=nnx.Rngs(0))
+  m = _new(lambda: nnx.Einsum("btd,ndh->btnh", (3, 4, 5), (3, 5), rngs=nnx.Rngs(0)))
   return _nnx_whole(m, _x(2, 3, 4), features=(-2, -1),
                     expected={"kernel": (0, 2), "bias": None},
                     default_wrong=("kernel", "bias"))
@@ -241,7 +272,7 @@ def nnx_embed_lookup():
   from flax import nnx
 
   # A lookup's units are the feature axis; inference leaves lookups alone unless asked.
-  m = nnx.Embed(6, 4, rngs=nnx.Rngs(0))
+  m = _new(lambda: nnx.Embed(6, 4, rngs=nnx.Rngs(0)))
   return _nnx_whole(m, _TOKENS, expected={"embedding": (1,)},
                     infer_kwargs={"centralize_lookups": True})
 
@@ -250,7 +281,7 @@ def nnx_embed_lookup():
 def nnx_embed_attend():
   from flax import nnx
 
-  m = nnx.Embed(6, 4, rngs=nnx.Rngs(0))
+  m = _new(lambda: nnx.Embed(6, 4, rngs=nnx.Rngs(0)))
   fn, params = _nnx(m, "attend")
   x = _x(2, 3, 4)
   return Layer(fn, params, (x,), {"embedding": (0,)}, measure_all(fn, params, x),
@@ -261,7 +292,7 @@ def nnx_embed_attend():
 def nnx_lora_linear():
   from flax import nnx
 
-  m = nnx.LoRALinear(4, 5, lora_rank=2, rngs=nnx.Rngs(0))
+  m = _new(lambda: nnx.LoRALinear(4, 5, lora_rank=2, rngs=nnx.Rngs(0)))
   x = _x(2, 3, 4)
   fn, params = _nnx(m)
   truths = {k: measure(fn, params, k, x) for k in ("kernel", "bias", "lora/lora_b")}
@@ -300,7 +331,7 @@ def _nnx_stack(forward: str):
     def ensemble(self, x):
       return self.linear(x)
 
-  m = Stack(nnx.Rngs(0))
+  m = _new(lambda: Stack(nnx.Rngs(0)))
   x = _x(2, 4)
   # Truth: each layer on the same input, the single-layer module vmapped over the stack.
   layer_fn, layer_params = _nnx(m.linear)
@@ -329,7 +360,7 @@ def nnx_vmap_stack():
 
 def _linen(module, *args):
   """``(fn, params)``: ``module.apply`` as a function of its ``params`` collection."""
-  params = module.init(jax.random.key(0), *args)["params"]
+  params = _filled(jax.eval_shape(module.init, jax.random.key(0), *args))["params"]
   return (lambda p, *a: module.apply({"params": p}, *a)), params
 
 
@@ -469,7 +500,7 @@ def linen_embed_attend():
   import flax.linen as nn
 
   m = nn.Embed(6, 4)
-  params = m.init(jax.random.key(0), _TOKENS)["params"]
+  _, params = _linen(m, _TOKENS)
   fn = lambda p, x: m.apply({"params": p}, x, method=m.attend)  # noqa: E731
   x = _x(2, 3, 4)
   return Layer(fn, params, (x,), {"embedding": (0,)}, measure_all(fn, params, x),
@@ -528,7 +559,8 @@ def _haiku(f, *args):
   import haiku as hk
 
   t = hk.transform(f)
-  return (lambda p, *a: t.apply(p, None, *a)), t.init(jax.random.key(0), *args)
+  params = _filled(jax.eval_shape(t.init, jax.random.key(0), *args))
+  return (lambda p, *a: t.apply(p, None, *a)), params
 
 
 def _haiku_whole(f, *args, features=(-1,), expected, default_wrong=()) -> Layer:
@@ -620,6 +652,13 @@ def haiku_multi_head_attention():
 # ------------------------------------------------------------------------------------------
 
 
+def _eqx_new(ctor: Callable[..., Any], *args, **kwargs) -> Any:
+  """``ctor(*args, key=..., **kwargs)``, an Equinox module, built abstractly and filled."""
+  import equinox as eqx
+
+  return _filled(eqx.filter_eval_shape(ctor, *args, key=jax.random.key(0), **kwargs))
+
+
 def _eqx(model, call: Callable[..., Any]):
   """``(fn, params)``: ``call(model, *args)`` as a function of the model's arrays."""
   import equinox as eqx
@@ -643,7 +682,7 @@ def eqx_linear():
   import equinox as eqx
 
   # weight (out, in), as in PyTorch.
-  return _eqx_whole(eqx.nn.Linear(4, 5, key=jax.random.key(0)), _batched, _x(3, 4),
+  return _eqx_whole(_eqx_new(eqx.nn.Linear, 4, 5), _batched, _x(3, 4),
                     expected={"weight": (0,), "bias": None}, default_wrong=("weight",))
 
 
@@ -652,7 +691,7 @@ def eqx_conv2d():
   import equinox as eqx
 
   # weight (out, in, kh, kw), bias (out, 1, 1); output (out, h, w).
-  return _eqx_whole(eqx.nn.Conv2d(4, 6, 3, key=jax.random.key(0)), lambda m, x: m(x),
+  return _eqx_whole(_eqx_new(eqx.nn.Conv2d, 4, 6, 3), lambda m, x: m(x),
                     _x(4, 5, 5), features=(0,), expected={"weight": (0,), "bias": None},
                     default_wrong=("weight", "bias"))
 
@@ -661,7 +700,7 @@ def eqx_conv2d():
 def eqx_conv_transpose2d():
   import equinox as eqx
 
-  m = eqx.nn.ConvTranspose2d(3, 5, 3, stride=2, key=jax.random.key(0))
+  m = _eqx_new(eqx.nn.ConvTranspose2d, 3, 5, 3, stride=2)
   return _eqx_whole(m, lambda m, x: m(x), _x(3, 4, 4), features=(0,),
                     expected={"weight": (0,), "bias": None},
                     default_wrong=("weight", "bias"))
@@ -671,9 +710,8 @@ def eqx_conv_transpose2d():
 def eqx_multihead_attention():
   import equinox as eqx
 
-  m = eqx.nn.MultiheadAttention(num_heads=2, query_size=6, qk_size=4, vo_size=4,
-                                output_size=5, use_query_bias=True, use_output_bias=True,
-                                key=jax.random.key(0))
+  m = _eqx_new(eqx.nn.MultiheadAttention, num_heads=2, query_size=6, qk_size=4, vo_size=4,
+               output_size=5, use_query_bias=True, use_output_bias=True)
   x = _x(3, 6)
   fn, params = _eqx(m, lambda m, x: m(x, x, x))
   truths = {}
@@ -694,7 +732,7 @@ def eqx_multihead_attention():
 def eqx_embedding():
   import equinox as eqx
 
-  return _eqx_whole(eqx.nn.Embedding(6, 4, key=jax.random.key(0)), _batched,
+  return _eqx_whole(_eqx_new(eqx.nn.Embedding, 6, 4), _batched,
                     jnp.arange(6), expected={"weight": (1,)},
                     infer_kwargs={"centralize_lookups": True})
 
@@ -867,7 +905,7 @@ def test_lookup_tables_are_left_alone_by_default(name):
 def _tied_nnx():
   from flax import nnx
 
-  m = nnx.Embed(6, 4, rngs=nnx.Rngs(0))
+  m = _new(lambda: nnx.Embed(6, 4, rngs=nnx.Rngs(0)))
   fn, params = _nnx(m)
   return (lambda p, ids: fn(p, ids) @ p["embedding"][...].T), params, "embedding/value"
 
@@ -875,7 +913,7 @@ def _tied_nnx():
 def _tied_nnx_attend():
   from flax import nnx
 
-  m = nnx.Embed(6, 4, rngs=nnx.Rngs(0))
+  m = _new(lambda: nnx.Embed(6, 4, rngs=nnx.Rngs(0)))
   graphdef, params = nnx.split(m)
 
   def fn(p, ids):

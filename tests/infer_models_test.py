@@ -17,6 +17,7 @@ import dataclasses
 import _truth
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import AxisType
@@ -212,8 +213,9 @@ _POSITIONS = jnp.broadcast_to(jnp.arange(_T), (_B, _T))
 _MASK = jnp.broadcast_to(jnp.tril(jnp.ones((_T, _T), bool)), (_B, _T, _T))  # causal
 
 
-def _x(*shape):
-  return jax.random.normal(jax.random.key(sum(shape)), shape)
+def _x(*shape: int) -> jax.Array:
+  """Random normal inputs (NumPy: nothing to compile)."""
+  return jnp.asarray(np.random.default_rng(sum(shape)).standard_normal(shape), jnp.float32)
 
 
 def _is_spec(x):
@@ -275,8 +277,8 @@ def mesh():
 
 @pytest.fixture(scope="module")
 def decoder(mesh):
-  with jax.set_mesh(mesh):
-    return Decoder(Config(), rngs=nnx.Rngs(0))
+  with jax.set_mesh(mesh):  # a sharded init, as Flax's guides write it
+    return nnx.jit(lambda: Decoder(Config(), rngs=nnx.Rngs(0)))()
 
 
 _SCANNED_CONFIG = Config(shd=NO_SHARDING)
@@ -284,7 +286,7 @@ _SCANNED_CONFIG = Config(shd=NO_SHARDING)
 
 @pytest.fixture(scope="module")
 def scanned():
-  return ScannedDecoder(_SCANNED_CONFIG, num_layers=3, rngs=nnx.Rngs(0))
+  return nnx.jit(lambda: ScannedDecoder(_SCANNED_CONFIG, num_layers=3, rngs=nnx.Rngs(0)))()
 
 
 def _inputs(mesh):
