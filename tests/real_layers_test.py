@@ -233,6 +233,15 @@ def nnx_linear_general_batch_axis():
 
 
 @case
+def nnx_linear_general_two_in_axes():
+  from flax import nnx
+
+  # Two fan-in axes: kernel (3, 4, 5).
+  m = _new(lambda: nnx.LinearGeneral((3, 4), 5, axis=(-2, -1), rngs=nnx.Rngs(0)))
+  return _nnx_whole(m, _x(2, 3, 4), expected={"kernel": (2,), "bias": None})
+
+
+@case
 def nnx_multi_head_attention():
   from flax import nnx
 
@@ -458,6 +467,16 @@ def linen_dense_general_batch_dims():
 
 
 @case
+def linen_weight_norm():
+  import flax.linen as nn
+
+  # kernel * scale / ||kernel|| (norm over the fan-in of each output column).
+  return _linen_whole(nn.WeightNorm(nn.Dense(5)), _x(2, 3, 4),
+                      expected={"layer_instance/kernel": (1,), "layer_instance/bias": None,
+                                "layer_instance/kernel/scale": None})
+
+
+@case
 def linen_multi_head_attention():
   import flax.linen as nn
 
@@ -563,10 +582,10 @@ def _haiku(f, *args):
   return (lambda p, *a: t.apply(p, None, *a)), params
 
 
-def _haiku_whole(f, *args, features=(-1,), expected, default_wrong=()) -> Layer:
+def _haiku_whole(f, *args, features=(-1,), expected, default_wrong=(), **kw) -> Layer:
   fn, params = _haiku(f, *args)
   return Layer(fn, params, args, expected, measure_all(fn, params, *args, features=features),
-               default_wrong)
+               default_wrong, **kw)
 
 
 def _haiku_intercepted(f, module_name: str):
@@ -608,6 +627,16 @@ def haiku_conv2d():
 
 
 @case
+def haiku_conv2d_nchw():
+  import haiku as hk
+
+  # Channels first: w stays (kh, kw, in, out); b is (out, 1, 1).
+  return _haiku_whole(lambda x: hk.Conv2D(6, 3, data_format="NCHW")(x), _x(1, 4, 5, 5),
+                      features=(1,), expected={"conv2_d/w": (3,), "conv2_d/b": None},
+                      default_wrong=("conv2_d/b",))
+
+
+@case
 def haiku_conv2d_transpose():
   import haiku as hk
 
@@ -624,6 +653,25 @@ def haiku_depthwise_conv2d():
   # w: (kh, kw, 1, in * multiplier).
   return _haiku_whole(lambda x: hk.DepthwiseConv2D(2, 3)(x), _x(1, 5, 5, 3),
                       expected={"depthwise_conv2_d/w": (3,), "depthwise_conv2_d/b": None})
+
+
+@case
+def haiku_embed_array_index():
+  import haiku as hk
+
+  return _haiku_whole(lambda ids: hk.Embed(6, 4, lookup_style="ARRAY_INDEX")(ids), _TOKENS,
+                      expected={"embed/embeddings": (1,)},
+                      infer_kwargs={"centralize_lookups": True})
+
+
+@case
+def haiku_embed_one_hot():
+  import haiku as hk
+
+  # one_hot(ids) @ table: a contraction over the vocabulary, not a gather, so inference
+  # treats it as a dense layer with or without centralize_lookups.
+  return _haiku_whole(lambda ids: hk.Embed(6, 4, lookup_style="ONE_HOT")(ids), _TOKENS,
+                      expected={"embed/embeddings": (1,)})
 
 
 @case
@@ -692,6 +740,16 @@ def eqx_conv2d():
 
   # weight (out, in, kh, kw), bias (out, 1, 1); output (out, h, w).
   return _eqx_whole(_eqx_new(eqx.nn.Conv2d, 4, 6, 3), lambda m, x: m(x),
+                    _x(4, 5, 5), features=(0,), expected={"weight": (0,), "bias": None},
+                    default_wrong=("weight", "bias"))
+
+
+@case
+def eqx_conv2d_grouped():
+  import equinox as eqx
+
+  # weight (out, in // groups, kh, kw).
+  return _eqx_whole(_eqx_new(eqx.nn.Conv2d, 4, 6, 3, groups=2), lambda m, x: m(x),
                     _x(4, 5, 5), features=(0,), expected={"weight": (0,), "bias": None},
                     default_wrong=("weight", "bias"))
 
@@ -892,7 +950,8 @@ def test_inference(name):
     assert _flat(nnx_spec, is_leaf=_is_spec) == got
 
 
-_LOOKUPS = ("nnx_embed_lookup", "linen_embed_lookup", "eqx_embedding")
+_LOOKUPS = ("nnx_embed_lookup", "linen_embed_lookup", "haiku_embed_array_index",
+            "eqx_embedding")
 
 
 @pytest.mark.parametrize("name", _LOOKUPS)
