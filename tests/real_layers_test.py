@@ -888,6 +888,26 @@ def keras_depthwise_conv2d():
 
 
 # ------------------------------------------------------------------------------------------
+# PyTorch layouts, written in JAX (torch is not a test dependency)
+# ------------------------------------------------------------------------------------------
+
+
+@case
+def pytorch_layout_conv_transpose2d():
+  # torch.nn.ConvTranspose2d's weight is (in, out, kh, kw); its forward is the gradient of a
+  # conv whose OIHW kernel is that weight, i.e. lax.conv_transpose with transpose_kernel.
+  def fn(p, x):
+    y = jax.lax.conv_transpose(x, p["weight"], (2, 2), "SAME", transpose_kernel=True,
+                               dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    return y + p["bias"][:, None, None]
+
+  params = {"weight": _x(3, 4, 3, 3), "bias": _x(4)}
+  x = _x(2, 3, 5, 5)
+  return Layer(fn, params, (x,), {"weight": (1,), "bias": None},
+               measure_all(fn, params, x, features=(1,)), default_wrong=("weight",))
+
+
+# ------------------------------------------------------------------------------------------
 # The tests
 # ------------------------------------------------------------------------------------------
 
