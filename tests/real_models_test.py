@@ -420,3 +420,59 @@ def test_scanned_inference(scanned):
   inputs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (_TOKENS, _POSITIONS, _MASK)]
   assert _truth.by_key(optax_gc.nnx_output_axes(abstract, *inputs), is_leaf=_is_spec) == \
       _truth.by_key(spec, is_leaf=_is_spec)
+
+
+# ------------------------------------------------------------------------------------------
+# The CIFAR example's Vision Transformer (examples/cifar/models.py)
+# ------------------------------------------------------------------------------------------
+
+_VIT = {
+    "patch_embed/kernel": (3,), "patch_embed/bias": None,  # (p, p, C, dim)
+    "pos_embed": None,  # (1, patches, dim), added to the tokens
+    **{f"blocks/0/attn/{k}/kernel": (1, 2) for k in ("query", "key", "value")},  # (D, N, H)
+    **{f"blocks/0/attn/{k}/bias": None for k in ("query", "key", "value")},  # (N, H)
+    "blocks/0/attn/out/kernel": (2,), "blocks/0/attn/out/bias": None,  # (N, H, D)
+    "blocks/0/mlp1/kernel": (1,), "blocks/0/mlp1/bias": None,
+    "blocks/0/mlp2/kernel": (1,), "blocks/0/mlp2/bias": None,
+    **{f"{ln}/{k}": None for ln in ("blocks/0/ln1", "blocks/0/ln2", "norm")
+       for k in ("scale", "bias")},
+    "head/kernel": (1,), "head/bias": None,
+}
+
+
+def test_vit_attention_kernels_inferred_equal_truth_and_the_default_is_wrong():
+  from examples.cifar import models
+
+  vit = models.create_model("vit_test", num_classes=10, seed=0)  # patch 8, dim 16, 2 heads
+  block = vit.blocks[0]
+  images, tokens = _x(2, 32, 32, 3), _x(2, 16, 16)
+  probes = {  # each parameter's own submodule, its input and its output features
+      "patch_embed": (vit.patch_embed, images, (-1,)),
+      "blocks/0/attn/query": (block.attn.query, tokens, (-2, -1)),
+      "blocks/0/attn/key": (block.attn.key, tokens, (-2, -1)),
+      "blocks/0/attn/value": (block.attn.value, tokens, (-2, -1)),
+      "blocks/0/attn/out": (block.attn.out, _x(2, 16, 2, 8), (-1,)),
+      "blocks/0/mlp1": (block.mlp1, tokens, (-1,)),
+      "blocks/0/mlp2": (block.mlp2, _x(2, 16, 32), (-1,)),
+      "blocks/0/ln1": (block.ln1, tokens, (-1,)),
+      "blocks/0/ln2": (block.ln2, tokens, (-1,)),
+      "norm": (vit.norm, tokens, (-1,)),
+      "head": (vit.head, _x(2, 16), (-1,)),
+  }
+  shapes = _shapes(vit)
+  truth = {}
+  for prefix, (module, x, features) in probes.items():
+    for leaf in _truth.by_key(nnx.state(module, nnx.Param)):
+      key = f"{prefix}/{leaf}"
+      truth[key] = _truth_of(module, leaf, x, features=features)
+  truth["pos_embed"] = _truth.output_axes(lambda pe, t: t + pe, _x(1, 16, 16), _x(2, 16, 16),
+                                          feature_axes=(1, 2))
+  assert truth == {k: _truth.canonical(v, shapes[k]) for k, v in _VIT.items()}
+
+  spec = _truth.by_key(optax_gc.nnx_output_axes(vit, images, train=True), is_leaf=_is_spec)
+  assert {k: _truth.canonical(v, shapes[k]) for k, v in spec.items()} == truth
+  # The default -1 keeps head_dim alone on the attention's q/k/v kernels (averaging across
+  # heads), centralizes their (heads, head_dim) biases and the position table.
+  wrong = {k for k, s in shapes.items() if _truth.default_spec(s) != truth[k]}
+  assert wrong == {f"blocks/0/attn/{k}/{w}" for k in ("query", "key", "value")
+                   for w in ("kernel", "bias")} | {"pos_embed"}
