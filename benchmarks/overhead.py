@@ -5,6 +5,7 @@ Commands (each picks JAX's default backend, so the same line runs on CPU or GPU)
   python -m benchmarks.overhead                          # full run (CPU: ~6 min, GPU: ~2 min)
   python -m benchmarks.overhead --quick                  # fewer rounds (CPU: ~2 min)
   python -m benchmarks.overhead --json docs/bench/overhead_cpu.json
+  python -m benchmarks.overhead --from-json docs/bench/overhead_cpu.json   # reprint its tables
 
 Two parts, each timed in interleaved rounds (every variant once per round, in a fresh random
 order), reporting the median over rounds of the per-round ratio to the plain optimizer:
@@ -22,11 +23,15 @@ order), reporting the median over rounds of the per-round ratio to the plain opt
    - ``floor``: one jitted read pass over every gradient (a sum per leaf), the least any GC
      can cost since it must read every gradient once to form the means.
 
-   Targets: ``optax_gc`` step <= 1.05x plain, and its extra time <= 1.5x the floor.
+   Target, wherever GC reads a stored buffer (every row but ``clip_sgd`` and
+   ``gc_adamw_update``): GC's extra time <= 1.0x the floor. A plain SGD-momentum step is a
+   few passes over memory and exact GC must add one read of the gradient, so no ratio to the
+   plain step is a target. Where GC's input is computed in the step (``clip_sgd``,
+   ``gc_adamw_update``), XLA:CPU stores it, and the row is reported without a target.
 2. **Train step.** A whole jitted forward + backward + update of the example's ResNet-20 and
    ResNet-18 at batch 128, ``plain`` against ``optax_gc`` for the optimizers in
    ``--train-optimizers`` (default ``gc_sgd_wd``: SGD, momentum 0.9, weight decay 5e-4, against
-   ``optax_gc.gc_sgd`` with the same settings). Target <= 1.02x.
+   ``optax_gc.gc_sgd`` with the same settings). Target <= 1.02x, for every optimizer row.
 
 Both parts also count the **minor page faults per step** of each variant (``getrusage``). On
 XLA:CPU a kernel-sized temporary costs one fault per fresh 4 KiB page every call, which is what
@@ -36,8 +41,10 @@ than read from an existing buffer.
 
 import argparse
 import functools
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -51,7 +58,17 @@ from benchmarks import _bench
 
 __all__ = ["param_tree", "optimizer_step_bench", "train_step_bench", "main"]
 
-OPT_TARGET, FLOOR_TARGET, TRAIN_TARGET = 1.05, 1.5, 1.02
+FLOOR_TARGET, TRAIN_TARGET = 1.0, 1.02
+"""GC's extra time in a standalone step, in floors (one read pass); a whole train step's ratio."""
+COMPUTED_INPUT = frozenset({"clip_sgd", "gc_adamw_update"})
+"""Optimizer rows whose GC input is computed in the step: no floor target (see the docstring)."""
+
+
+def floor_verdict(row: dict[str, Any]) -> str:
+  """``met`` / ``MISSED`` against :data:`FLOOR_TARGET`, or why the row has no target."""
+  if row["optimizer"] in COMPUTED_INPUT:
+    return "n/a (computed input)"
+  return "met" if row["optax_gc_extra_over_floor"]["median"] <= FLOOR_TARGET else "MISSED"
 
 
 def param_tree(model: str, num_classes: int = 100) -> dict[str, Any]:
@@ -202,9 +219,9 @@ def hlo_passes(tx: optax.GradientTransformation, params: Any, grads: Any) -> dic
   """Counts, in the compiled optimizer step, the kernels launched and the reductions among them.
 
   Each top-level fusion is one pass over its operands. ``reduces_before_first_update`` counts
-  the reductions the schedule runs before the first kernel-sized elementwise update. GC should add exactly one reduction per
-  centralized leaf (the per-unit means, a read of the gradient) and fold the subtraction into
-  the optimizer's existing elementwise fusion: no other new pass.
+  the reductions the schedule runs before the first kernel-sized elementwise update. GC should
+  add exactly one reduction per centralized leaf (the per-unit means, a read of the gradient)
+  and fold the subtraction into the optimizer's existing elementwise fusion: no other new pass.
   """
 
   def step(p, s, g):
@@ -327,6 +344,8 @@ def _fmt(s: dict[str, float]) -> str:
 
 
 def _faults(r: dict[str, Any]) -> str:
+  if "faults_per_step" not in r:  # Runs saved before the column existed.
+    return "not counted"
   return f"{r['faults_per_step']['plain']:.0f} -> {r['faults_per_step']['optax_gc']:.0f}"
 
 
@@ -335,7 +354,7 @@ def report(opt_rows: list[dict[str, Any]], train_rows: list[dict[str, Any]]) -> 
   print("\nOptimizer step (ratio to plain; extra time / floor):")
   _bench.print_table(
       ["tree", "optimizer", "plain ms", "optax_gc x", "optax.centralize x", "floor ms",
-       "optax_gc extra/floor", "optax.centralize extra/floor", "targets",
+       "optax_gc extra/floor", "optax.centralize extra/floor", f"extra <= {FLOOR_TARGET}x floor",
        "page faults/step plain -> optax_gc"],
       [
           [
@@ -343,9 +362,7 @@ def report(opt_rows: list[dict[str, Any]], train_rows: list[dict[str, Any]]) -> 
               _fmt(r["optax_gc_ratio"]), _fmt(r["optax.centralize_ratio"]),
               f"{r['floor_ms']:.2f}", _fmt(r["optax_gc_extra_over_floor"]),
               _fmt(r["optax.centralize_extra_over_floor"]),
-              "met" if r["optax_gc_ratio"]["median"] <= OPT_TARGET
-              and r["optax_gc_extra_over_floor"]["median"] <= FLOOR_TARGET else "MISSED",
-              _faults(r),
+              floor_verdict(r), _faults(r),
           ]
           for r in opt_rows
       ],
@@ -353,7 +370,7 @@ def report(opt_rows: list[dict[str, Any]], train_rows: list[dict[str, Any]]) -> 
   if train_rows:
     print("\nWhole train step (ratio optax_gc / plain):")
     _bench.print_table(
-        ["model", "optimizer", "batch", "plain ms", "optax_gc x", "target <= 1.02",
+        ["model", "optimizer", "batch", "plain ms", "optax_gc x", f"target <= {TRAIN_TARGET}",
          "page faults/step plain -> optax_gc"],
         [
             [r["model"], r["optimizer"], r["batch"], f"{r['plain_ms']:.1f}",
@@ -386,7 +403,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--iters", type=int, default=None)
   p.add_argument("--train-rounds", type=int, default=None)
   p.add_argument("--train-iters", type=int, default=None)
+  p.add_argument("--from-json", default=None, metavar="PATH",
+                 help="only reprint the tables of a saved --json run, against today's targets")
   a = p.parse_args(argv)
+  if a.from_json:
+    payload = json.loads(Path(a.from_json).read_text())
+    report(payload["optimizer_step"], payload.get("train_step", []))
+    return payload
   gpu = jax.default_backend() != "cpu"
   rounds = a.rounds or (5 if a.quick else 15)
   iters = a.iters or (10 if gpu else (3 if a.quick else 5))
@@ -417,8 +440,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       "machine": info,
       "settings": {"rounds": rounds, "iters": iters, "train_rounds": train_rounds,
                    "train_iters": train_iters, "batch": a.batch, "quick": a.quick},
-      "targets": {"optimizer_step": OPT_TARGET, "extra_over_floor": FLOOR_TARGET,
-                  "train_step": TRAIN_TARGET},
+      "targets": {"extra_over_floor": FLOOR_TARGET, "train_step": TRAIN_TARGET,
+                  "no_floor_target": sorted(COMPUTED_INPUT)},
       "optimizer_step": opt_rows,
       "train_step": train_rows,
   }

@@ -24,6 +24,18 @@ def test_overhead_quick_tiny(tmp_path, fast_compile):
   assert saved["train_step"][0]["optax_gc_ratio"]["n_rounds"] == 2
   assert set(saved["optimizer_step"][0]["faults_per_step"]) == {
       "plain", "optax_gc", "optax.centralize", "floor"}
+  assert saved["targets"]["extra_over_floor"] == 1.0 and saved["targets"]["train_step"] == 1.02
+  assert overhead.main(["--from-json", str(out)]) == saved  # Reprints a saved run, runs nothing.
+
+
+def test_floor_target_applies_where_gc_reads_a_stored_buffer():
+  def row(optimizer, extra):
+    return {"optimizer": optimizer, "optax_gc_extra_over_floor": {"median": extra}}
+
+  assert overhead.floor_verdict(row("sgd_momentum", 1.0)) == "met"
+  assert overhead.floor_verdict(row("gc_adam_wd", 1.01)) == "MISSED"
+  assert overhead.floor_verdict(row("clip_sgd", 7.0)) == "n/a (computed input)"
+  assert overhead.floor_verdict(row("gc_adamw_update", 0.1)) == "n/a (computed input)"
 
 
 def test_page_fault_counter_sees_fresh_buffers():

@@ -1,22 +1,28 @@
-"""Evidence study: does Gradient Centralization help a CIFAR ResNet on real CIFAR-10?
+"""Evidence studies: does Gradient Centralization help on real CIFAR-10, and do its axes matter?
+
+Two studies share this one code path (:data:`STUDIES`), each with its own protocol, arms,
+paired comparisons, result files and report:
+
+- ``resnet20``: He et al.'s ResNet-20 with SGD-momentum, Adam and AdamW, GC against no GC, and
+  GC with the axis Optax's ``optax.centralize()`` keeps (the PyTorch rule) against GC with the
+  right one. Files ``docs/study/``, report ``docs/results.md``.
+- ``vit``: the example's ``vit_tiny`` Vision Transformer with AdamW: no GC, GC on the axes read
+  from the model, GC with the default ``output_axis=-1`` (wrong on the attention kernels), and GC
+  on the update. Files ``docs/study_vit/``, report ``docs/results_vit.md``.
 
 Commands::
 
-  python -m benchmarks.study                 # run what is missing, then write docs/results.md
-  python -m benchmarks.study --report-only   # rewrite docs/results.md from docs/study/*.json
-  nohup python -m benchmarks.study > workdirs/study.log 2>&1 &   # in the background
+  python -m benchmarks.study                       # the resnet20 study: missing runs, then report
+  python -m benchmarks.study --study vit           # the same for the ViT study
+  python -m benchmarks.study --study vit --report-only   # rewrite its report from its files
+  nohup nice -n 10 python -m benchmarks.study --study vit > workdirs/study_vit.log 2>&1 &
 
-The protocol (:data:`PROTOCOL`) is fixed here and identical for every arm; an arm only
-changes the optimizer and the GC setting, and every arm runs the same seeds (same
-initialization, data order and augmentation for a given seed). Arms (:data:`ARMS`):
-
-- SGD, momentum 0.9, coupled weight decay 5e-4, lr 0.1: ``none`` vs ``gc`` vs ``gcc``;
-- Adam, lr 1e-3, coupled weight decay 5e-4: ``none`` vs ``gc``;
-- AdamW, lr 1e-3, decoupled weight decay 5e-4: ``none`` vs ``gc`` on the final update.
-
-Runs go seed by seed (all arms of seed 0, then seed 1, ...), so a study cut short still has
-complete pairs. Each finished run is saved as ``docs/study/<arm>__seed<k>.json`` (its config,
-per-epoch metrics and summary); a later invocation skips runs whose file exists, so the study
+Within a study the protocol is fixed and identical for every arm; an arm only changes the
+optimizer and the GC settings, and every arm runs the same seeds (same initialization, data
+order and augmentation for a given seed). Runs go seed by seed (all arms of seed 0, then seed 1,
+...), so a study cut short still has complete pairs. Each finished run is saved as
+``docs/<runs_dir>/<arm>__seed<k>.json`` (its config, per-epoch metrics and summary; paths in it
+are relative to the repository); a later invocation skips runs whose file exists, so a study
 resumes on another machine from the committed files. The report is rebuilt from those files
 alone. Data: the JPEG-decoded copy of CIFAR-10 in ``../shared/data/cifar10`` (not the official
 pixels; see its README).
@@ -35,61 +41,166 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ARMS", "PAIRS", "PROTOCOL", "run_study", "write_report", "main"]
+__all__ = ["Pair", "Study", "STUDIES", "run_study", "write_report", "make_portable", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10"
 
-# The protocol shared by every arm, sized so one run takes about 2-4 minutes on a 2-core CPU
-# shared with other jobs. Measured first: one epoch of ResNet-20 on 10,000 images plus the
-# full test set took 91 s under load (122 img/s), so 21 runs had to shrink to 4 epochs of 5,000.
-PROTOCOL: dict[str, Any] = {
-    "dataset": "cifar10",
-    "model": "resnet20",
-    "train_subset": 5_000,  # stratified, the same subset for every seed and arm
-    "epochs": 4,
-    "batch_size": 128,
-    "schedule": "cosine",
-    "warmup_epochs": 0.0,
-}
 
-# arm name -> the config fields it sets (nothing else differs between arms).
-ARMS: dict[str, dict[str, Any]] = {
-    "sgd": {"optimizer": "sgd", "gc": "none"},
-    "sgd_gc": {"optimizer": "sgd", "gc": "gc"},
-    "sgd_gcc": {"optimizer": "sgd", "gc": "gcc"},
-    "adam": {"optimizer": "adam", "gc": "none"},
-    "adam_gc": {"optimizer": "adam", "gc": "gc"},
-    "adamw": {"optimizer": "adamw", "gc": "none"},
-    "adamw_gc_update": {"optimizer": "adamw", "gc": "gc", "gc_location": "update"},
-}
+@dataclasses.dataclass(frozen=True)
+class Pair:
+  """A paired comparison: ``treatment`` minus ``baseline``, seed by seed.
 
-# The seeds planned before any result was seen. Seeds beyond these may be added, to every arm
-# alike, when the compute budget allows; the report then shows both analyses.
-PLANNED_SEEDS = (0, 1, 2)
+  ``planned_seeds``: the seeds planned for this comparison before any of its results was seen.
+  When more seeds were run, the report shows the planned analysis and the one over all seeds.
+  """
 
-# (treatment, baseline) pairs compared seed by seed.
-PAIRS: list[tuple[str, str]] = [
-    ("sgd_gc", "sgd"),
-    ("sgd_gcc", "sgd"),
-    ("sgd_gc", "sgd_gcc"),  # GC minus GCC: the effect of centralizing the dense head alone
-    ("adam_gc", "adam"),
-    ("adamw_gc_update", "adamw"),
-]
+  treatment: str
+  baseline: str
+  planned_seeds: tuple[int, ...]
 
-ARM_LABELS = {
-    "sgd": "SGD-M", "sgd_gc": "SGD-M + GC", "sgd_gcc": "SGD-M + GCC",
-    "adam": "Adam", "adam_gc": "Adam + GC",
-    "adamw": "AdamW", "adamw_gc_update": "AdamW + GC (update)",
-}
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  """One study: what is fixed, what varies, what is compared, where it is written."""
+
+  name: str
+  title: str
+  protocol: dict[str, Any]
+  """Config fields shared by every arm."""
+  arms: dict[str, dict[str, Any]]
+  """Arm name -> the config fields it sets (nothing else differs between arms)."""
+  labels: dict[str, str]
+  pairs: tuple[Pair, ...]
+  plot_groups: tuple[tuple[str, tuple[str, ...]], ...]
+  """One plot column per group: its title and its arms."""
+  runs_dir: str
+  report: str
+  plot: str
+  model_note: str
+  """What the model is (one sentence, markdown)."""
+  budget_note: str
+  """Why the schedule is this short (markdown)."""
+  optimizer_note: str
+  """The optimizers and GC settings of the arms (markdown)."""
+  pairs_note: str
+  """How to read the paired differences (markdown)."""
+  closing: tuple[str, ...]
+  """Paragraphs after the computed verdicts: the paper's claims, caveats (``str.format``-ed with
+  the protocol's ``train_subset`` and ``epochs``)."""
+  default_seeds: tuple[int, ...]
+  share_arms: tuple[str, ...] = ()
+  """Arms whose first-step GC diagnostics the report tabulates (one column each)."""
+
+
+_PAPER = (
+    "The paper (Yong et al., ECCV 2020) claims faster training and better generalization, "
+    "with gains that are small even at full budget: the original code's README reports "
+    "ImageNet ResNet-50 (BN) top-1 error 23.71% -> 23.21% with GC, i.e. 0.50 points, from "
+    "single runs. (The paper's CIFAR-100 tables also show gains of the order of a point; we "
+    "did not re-verify those figures and quote none here.) A study this small (a "
+    "{train_subset}-image subset, {epochs} epochs, the JPEG copy) can resolve only "
+    "differences about as large as its intervals above; it can neither confirm nor refute a "
+    "0.5-point effect at full budget. What it can show is whether GC speeds up or slows down "
+    "*early* training here, paired seed by seed; the training-loss columns and the curves speak "
+    "to the paper's 'faster training' claim.")
+
+RESNET20 = Study(
+    name="resnet20",
+    title="Gradient Centralization on CIFAR-10 (JPEG-decoded copy), ResNet-20",
+    # Sized so one run takes about 2-4 minutes on a 2-core CPU shared with other jobs. Measured
+    # first: one epoch of ResNet-20 on 10,000 images plus the full test set took 91 s under load
+    # (122 img/s), so 21 runs had to shrink to 4 epochs of 5,000.
+    protocol={
+        "dataset": "cifar10",
+        "model": "resnet20",
+        "train_subset": 5_000,  # stratified, the same subset for every seed and arm
+        "epochs": 4,
+        "batch_size": 128,
+        "schedule": "cosine",
+        "warmup_epochs": 0.0,
+    },
+    arms={
+        "sgd": {"optimizer": "sgd", "gc": "none"},
+        "sgd_gc": {"optimizer": "sgd", "gc": "gc"},
+        "sgd_gcc": {"optimizer": "sgd", "gc": "gcc"},
+        "adam": {"optimizer": "adam", "gc": "none"},
+        "adam_gc": {"optimizer": "adam", "gc": "gc"},
+        "adamw": {"optimizer": "adamw", "gc": "none"},
+        "adamw_gc_update": {"optimizer": "adamw", "gc": "gc", "gc_location": "update"},
+        # GC with the axis a Flax user gets from Optax today: optax.centralize() keeps axis 0
+        # (the PyTorch rule), so on a (kh, kw, in, out) kernel it averages across output
+        # channels. On ResNet-20 it equals optax_gc's output_axis=0 on every leaf (tested), so
+        # that arm would be a duplicate.
+        "sgd_gc_optax": {"optimizer": "sgd", "gc": "gc", "gc_axes": "optax"},
+    },
+    labels={
+        "sgd": "SGD-M", "sgd_gc": "SGD-M + GC", "sgd_gcc": "SGD-M + GCC",
+        "adam": "Adam", "adam_gc": "Adam + GC",
+        "adamw": "AdamW", "adamw_gc_update": "AdamW + GC (update)",
+        "sgd_gc_optax": "SGD-M + optax.centralize()",
+    },
+    pairs=(
+        Pair("sgd_gc", "sgd", (0, 1, 2)),
+        Pair("sgd_gcc", "sgd", (0, 1, 2)),
+        Pair("sgd_gc", "sgd_gcc", (0, 1, 2)),  # GC minus GCC: centralizing the dense head alone
+        Pair("adam_gc", "adam", (0, 1, 2)),
+        Pair("adamw_gc_update", "adamw", (0, 1, 2)),
+        # Planned with five seeds from the start (issue 11).
+        Pair("sgd_gc_optax", "sgd_gc", (0, 1, 2, 3, 4)),
+        Pair("sgd_gc_optax", "sgd", (0, 1, 2, 3, 4)),
+    ),
+    plot_groups=(("SGD momentum", ("sgd", "sgd_gc", "sgd_gcc", "sgd_gc_optax")),
+                 ("Adam", ("adam", "adam_gc")), ("AdamW", ("adamw", "adamw_gc_update"))),
+    runs_dir="study",
+    report="results.md",
+    plot="study_curves.png",
+    model_note="`resnet20` is He et al.'s CIFAR ResNet-20: 0.27M parameters, BatchNorm",
+    budget_note=(
+        "The budget (each run about 3-4 minutes on a shared 2-core CPU) forced the short "
+        "schedule; these are *short-budget* results, far from converged (a full ResNet-20 run "
+        "is ~180 epochs on 50,000 images)."),
+    optimizer_note=(
+        "Optimizers, at the example's defaults and identical within each pair: SGD momentum "
+        "0.9, lr 0.1, coupled weight decay 5e-4; Adam lr 1e-3 (b1 0.9, b2 0.999), coupled "
+        "weight decay 5e-4; AdamW lr 1e-3, decoupled weight decay 5e-4. GC = conv and dense "
+        "kernels (`optax_gc`, mean over all axes but the output axis, the last one for these "
+        "Flax kernels); GCC = conv kernels only; AdamW+GC centralizes the final update "
+        "(`gc_location=update`). `optax.centralize()` = the literal Optax transformation in "
+        "GC's place in the same chain: it keeps axis 0 (PyTorch's output axis), which on a "
+        "Flax `(kh, kw, in, out)` kernel is the kernel row, and averages over the rest, "
+        "output channels included; on the `(64, 10)` head it averages over the 10 classes, "
+        "where a softmax cross-entropy gradient already sums to zero, so it does nothing there. "
+        "Nothing was tuned, for any arm."),
+    pairs_note=(
+        "GC and GCC differ only in the dense head (the one kernel of rank 2), so 'SGD-M + GC vs "
+        "SGD-M + GCC' is the effect of centralizing the head's gradient alone. 'SGD-M + "
+        "optax.centralize() vs SGD-M + GC' is what a Flax user loses (or gains) by taking GC "
+        "from Optax instead of with the right axes."),
+    closing=(
+        _PAPER,
+        "Caveats on any SGD gain seen here: the learning rate (0.1, no warm-up) is the "
+        "baseline recipe's, untuned for either arm, and GC removes a large share of some "
+        "gradients (at the first step, 0.94 of the dense head's gradient norm and about 0.4 of "
+        "the convs' on average; the `gc_diagnostics` of the seed-3 runs), so part of an early "
+        "gain may be an effective-step-size effect rather than better conditioning. GC and GCC "
+        "differ only in the head, which makes that comparison the most direct probe of it. With "
+        "Adam, whose per-element scaling undoes much of a change in gradient scale, no effect "
+        "is visible.",
+    ),
+    default_seeds=(0, 1, 2),
+    share_arms=("sgd_gc", "sgd_gcc", "sgd_gc_optax"),
+)
+
+STUDIES: dict[str, Study] = {s.name: s for s in (RESNET20,)}
 
 
 # ----------------------------------------------------------------------------------------------
 # Running.
 
 
-def run_file(out_dir: Path, arm: str, seed: int) -> Path:
-  return out_dir / "study" / f"{arm}__seed{seed}.json"
+def run_file(out_dir: Path, study: Study, arm: str, seed: int) -> Path:
+  return out_dir / study.runs_dir / f"{arm}__seed{seed}.json"
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -97,14 +208,40 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def make_portable(record: dict[str, Any], paths: dict[str, str]) -> dict[str, Any]:
+  """``record`` with every path under a key of ``paths`` rewritten to start with its value.
+
+  Used so that a committed run file names no machine: the data folder becomes its path relative
+  to the repository (``../shared/data/cifar10``). The scratch ``workdir`` is dropped.
+  """
+
+  def fix(x: Any) -> Any:
+    if isinstance(x, dict):
+      return {k: fix(v) for k, v in x.items()}
+    if isinstance(x, list):
+      return [fix(v) for v in x]
+    if isinstance(x, str):
+      for old, new in paths.items():
+        if x == old or x.startswith(old.rstrip("/") + "/"):
+          return new + x[len(old.rstrip("/")):]
+    return x
+
+  record = fix(record)
+  record.get("summary", {}).pop("workdir", None)
+  return record
+
+
 def run_one(
-    arm: str, seed: int, protocol: dict[str, Any], data_dir: str | None, workdir: Path
+    study: Study, arm: str, seed: int, protocol: dict[str, Any], data_dir: Path | None,
+    workdir: Path,
 ) -> dict[str, Any]:
   """Trains one (arm, seed) with the example's ``train_and_evaluate``; returns the run record."""
   from examples.cifar import train
   from examples.cifar.config import Config
 
-  fields = {**protocol, **ARMS[arm], "seed": seed, "data_dir": data_dir}
+  data_dir = None if data_dir is None else Path(data_dir).absolute()
+  fields = {**protocol, **study.arms[arm], "seed": seed,
+            "data_dir": None if data_dir is None else str(data_dir)}
   # Bookkeeping only (no effect on the trajectory), set where the example has the field.
   quiet = {"progress": False, "gc_log_every_epochs": 10_000, "checkpoints_to_keep": 1}
   known = {f.name for f in dataclasses.fields(Config)}
@@ -118,7 +255,8 @@ def run_one(
   summary_path = workdir / "summary.json"
   summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
   diag_path = workdir / "gc_diagnostics.jsonl"
-  return {
+  record = {
+      "study": study.name,
       "arm": arm,
       "seed": seed,
       "protocol": protocol,
@@ -132,6 +270,8 @@ def run_one(
       "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                   "python": platform.python_version()},
   }
+  paths = {} if data_dir is None else {str(data_dir): os.path.relpath(data_dir, ROOT)}
+  return make_portable(record, paths)
 
 
 def _code_version() -> dict[str, Any]:
@@ -152,25 +292,27 @@ def planned_runs(arms: list[str], seeds: list[int]) -> list[tuple[str, int]]:
 
 
 def run_study(
-    arms: list[str], seeds: list[int], protocol: dict[str, Any], data_dir: str | None,
-    out_dir: Path, workdir: Path, *, max_runs: int | None = None,
+    study: Study, arms: list[str], seeds: list[int], protocol: dict[str, Any],
+    data_dir: Path | None, out_dir: Path, workdir: Path, *, max_runs: int | None = None,
 ) -> list[Path]:
-  """Runs every (arm, seed) without a result file under ``out_dir/study``; returns new files."""
+  """Runs every (arm, seed) without a result file under ``out_dir``; returns the new files."""
   done = []
   for arm, seed in planned_runs(arms, seeds):
-    path = run_file(out_dir, arm, seed)
+    path = run_file(out_dir, study, arm, seed)
     if path.exists():
       continue
     if max_runs is not None and len(done) >= max_runs:
       break
-    print(f"[study] {time.strftime('%H:%M:%S')} running {arm} seed {seed}", flush=True)
-    record = run_one(arm, seed, protocol, data_dir, workdir / f"{arm}__seed{seed}")
+    print(f"[study {study.name}] {time.strftime('%H:%M:%S')} running {arm} seed {seed}",
+          flush=True)
+    record = run_one(study, arm, seed, protocol, data_dir,
+                     workdir / study.name / f"{arm}__seed{seed}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
     tmp.replace(path)
     last = record["epochs"][-1] if record["epochs"] else {}
-    print(f"[study] {time.strftime('%H:%M:%S')} done {arm} seed {seed} in "
+    print(f"[study {study.name}] {time.strftime('%H:%M:%S')} done {arm} seed {seed} in "
           f"{record['wall_s']:.0f} s: {json.dumps(last, sort_keys=True)}", flush=True)
     done.append(path)
   return done
@@ -195,10 +337,10 @@ def train_loss(row: dict[str, Any]) -> float | None:
   return _get(row, "train_loss", "train/loss", "loss")
 
 
-def load_runs(out_dir: Path) -> dict[str, dict[int, dict[str, Any]]]:
-  """``{arm: {seed: record}}`` from ``out_dir/study/*.json``."""
+def load_runs(out_dir: Path, study: Study) -> dict[str, dict[int, dict[str, Any]]]:
+  """``{arm: {seed: record}}`` from ``out_dir/<runs_dir>/*.json``."""
   runs: dict[str, dict[int, dict[str, Any]]] = {}
-  for path in sorted((out_dir / "study").glob("*__seed*.json")):
+  for path in sorted((out_dir / study.runs_dir).glob("*__seed*.json")):
     rec = json.loads(path.read_text())
     runs.setdefault(rec["arm"], {})[int(rec["seed"])] = rec
   return runs
@@ -225,10 +367,14 @@ def _ms(xs: list[float], scale: float = 100.0, digits: int = 2) -> str:
   return f"{statistics.fmean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
 
 
-def summarize(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
-  """Per-arm statistics and per-pair paired differences, as plain data."""
+def summarize(study: Study, runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
+  """Per-arm statistics and per-pair paired differences, as plain data.
+
+  ``pairs`` uses every seed both arms have; ``pairs_planned`` only the pair's planned seeds, and
+  holds only the pairs where that differs from ``pairs``.
+  """
   arms = {}
-  for arm in ARMS:
+  for arm in study.arms:
     if arm not in runs:
       continue
     recs = runs[arm]
@@ -242,35 +388,39 @@ def summarize(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
     arms[arm] = {"seeds": sorted(recs), "final": finals, "best": bests, "loss_at": loss_at,
                  "final_loss": final_loss,
                  "wall_s": {s: r.get("wall_s") for s, r in recs.items()}}
-  pairs = _pairs(arms, None)
-  planned = _pairs(arms, set(PLANNED_SEEDS))
-  proto = next((r["protocol"] for recs in runs.values() for r in recs.values()), PROTOCOL)
-  return {"arms": arms, "pairs": pairs,
-          "pairs_planned": planned if planned != pairs else None,
+  pairs, planned = [], []
+  for pair in study.pairs:
+    every = _pair(arms, pair, planned=False)
+    if every is None:
+      continue
+    pairs.append(every)
+    only = _pair(arms, pair, planned=True)
+    if only is not None and only["seeds"] != every["seeds"]:
+      planned.append(only)
+  proto = next((r["protocol"] for recs in runs.values() for r in recs.values()), study.protocol)
+  return {"arms": arms, "pairs": pairs, "pairs_planned": planned,
           "train_subset": proto.get("train_subset"), "epochs": proto.get("epochs")}
 
 
-def _pairs(arms: dict[str, Any], only: set[int] | None) -> list[dict[str, Any]]:
-  """Paired differences over the seeds both arms have (restricted to ``only`` if given)."""
-  pairs = []
-  for treat, base in PAIRS:
-    if treat not in arms or base not in arms:
-      continue
-    seeds = sorted(set(arms[treat]["seeds"]) & set(arms[base]["seeds"]))
-    if only is not None:
-      seeds = [x for x in seeds if x in only]
-    if not seeds:
-      continue
-    entry = {"treatment": treat, "baseline": base, "seeds": seeds}
-    for what in ("final", "best", "final_loss"):
-      d = [arms[treat][what][x] - arms[base][what][x] for x in seeds]
-      mean, lo, hi = t_interval(d)
-      entry[what] = {"per_seed": d, "mean": mean, "ci95": [lo, hi]}
-    pairs.append(entry)
-  return pairs
+def _pair(arms: dict[str, Any], pair: Pair, planned: bool) -> dict[str, Any] | None:
+  """The paired differences over the seeds both arms have (only planned ones if ``planned``)."""
+  treat, base = pair.treatment, pair.baseline
+  if treat not in arms or base not in arms:
+    return None
+  seeds = sorted(set(arms[treat]["seeds"]) & set(arms[base]["seeds"]))
+  if planned:
+    seeds = [x for x in seeds if x in pair.planned_seeds]
+  if not seeds:
+    return None
+  entry: dict[str, Any] = {"treatment": treat, "baseline": base, "seeds": seeds}
+  for what in ("final", "best", "final_loss"):
+    d = [arms[treat][what][x] - arms[base][what][x] for x in seeds]
+    mean, lo, hi = t_interval(d)
+    entry[what] = {"per_seed": d, "mean": mean, "ci95": [lo, hi]}
+  return entry
 
 
-def plot_curves(runs: dict[str, dict[int, dict[str, Any]]], path: Path) -> None:
+def plot_curves(study: Study, runs: dict[str, dict[int, dict[str, Any]]], path: Path) -> None:
   """Training loss and test accuracy per epoch: mean over seeds (line) and min-max (band)."""
   import matplotlib
 
@@ -279,9 +429,9 @@ def plot_curves(runs: dict[str, dict[int, dict[str, Any]]], path: Path) -> None:
   import matplotlib.ticker
   import numpy as np
 
-  groups = [("SGD momentum", ["sgd", "sgd_gc", "sgd_gcc"]), ("Adam", ["adam", "adam_gc"]),
-            ("AdamW", ["adamw", "adamw_gc_update"])]
-  fig, axes = plt.subplots(2, 3, figsize=(13, 7), sharex=True)
+  groups = study.plot_groups
+  fig, axes = plt.subplots(2, len(groups), figsize=(4.4 * len(groups), 7), sharex=True,
+                           squeeze=False)
   for col, (title, arms) in enumerate(groups):
     for arm in arms:
       if arm not in runs:
@@ -293,7 +443,7 @@ def plot_curves(runs: dict[str, dict[int, dict[str, Any]]], path: Path) -> None:
         y = np.array([[scale * fn(r["epochs"][i]) for i in range(n)] for r in recs])
         ax = axes[row, col]
         (line,) = ax.plot(ep, y.mean(0), marker="o", ms=3,
-                          label=f"{ARM_LABELS[arm]} (n={len(recs)})")
+                          label=f"{study.labels[arm]} (n={len(recs)})")
         if len(recs) > 1:
           ax.fill_between(ep, y.min(0), y.max(0), alpha=0.2, color=line.get_color())
     axes[0, col].set_title(title)
@@ -304,59 +454,96 @@ def plot_curves(runs: dict[str, dict[int, dict[str, Any]]], path: Path) -> None:
     for ax in axes[:, col]:
       if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
-  fig.suptitle("CIFAR-10 (JPEG-decoded copy): mean over seeds, band = min-max", fontsize=11)
+  fig.suptitle(f"{study.title}: mean over seeds, band = min-max", fontsize=11)
   fig.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
-def _protocol_line(runs: dict[str, dict[int, dict[str, Any]]]) -> tuple[dict[str, Any], list[str]]:
+def _protocol_line(study: Study, runs: dict[str, dict[int, dict[str, Any]]]
+                   ) -> tuple[dict[str, Any], list[str]]:
   """The protocol shared by the runs, and a list of inconsistencies (should be empty)."""
   protos = {json.dumps(r["protocol"], sort_keys=True) for recs in runs.values()
             for r in recs.values()}
   problems = [] if len(protos) <= 1 else [f"runs disagree on the protocol: {sorted(protos)}"]
-  proto = json.loads(sorted(protos)[0]) if protos else dict(PROTOCOL)
+  proto = json.loads(sorted(protos)[0]) if protos else dict(study.protocol)
   return proto, problems
 
 
-def write_report(out_dir: Path, *, title_note: str = "") -> Path:
-  """Writes ``out_dir/results.md`` and ``out_dir/study_curves.png`` from ``out_dir/study``."""
-  runs = load_runs(out_dir)
-  s = summarize(runs)
-  proto, problems = _protocol_line(runs)
-  plot = out_dir / "study_curves.png"
+def first_step_shares(study: Study, runs: dict[str, dict[int, dict[str, Any]]]
+                      ) -> dict[str, tuple[dict[str, float], list[int]]]:
+  """Per arm of ``study.share_arms``: the mean share of the first batch's gradient norm that GC
+  removes, per kind of kernel (path without block indices), over the seeds that logged it."""
+  out = {}
+  for arm in study.share_arms:
+    per_group: dict[str, list[float]] = {}
+    seeds = []
+    for seed, rec in sorted(runs.get(arm, {}).items()):
+      diag = [d for d in rec.get("gc_diagnostics") or [] if d.get("epoch") == 1]
+      if not diag:
+        continue
+      seeds.append(seed)
+      run_groups: dict[str, list[float]] = {}
+      for name, share in diag[0]["shares"].items():
+        group = "/".join(p for p in name.split("/") if not p.isdigit())
+        run_groups.setdefault(group, []).append(share)
+      for group, xs in run_groups.items():
+        per_group.setdefault(group, []).append(statistics.fmean(xs))
+    if seeds:
+      out[arm] = ({g: statistics.fmean(xs) for g, xs in per_group.items()}, seeds)
+  return out
+
+
+def _fmt_ci(d: dict[str, Any], scale: float = 100.0, digits: int = 2) -> str:
+  lo, hi = d["ci95"]
+  f = f"+.{digits}f"
+  ci = "n/a (n=1)" if math.isnan(lo) else f"[{scale * lo:{f}}, {scale * hi:{f}}]"
+  return f"{scale * d['mean']:{f}} {ci}"
+
+
+def _pair_rows(s: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
+  """The pairs to report, each with a tag: the planned-seed rows first, where they differ."""
+  split = {(p["treatment"], p["baseline"]) for p in s["pairs_planned"]}
+  return [(p, " (planned seeds)") for p in s["pairs_planned"]] + [
+      (p, " (all seeds)" if (p["treatment"], p["baseline"]) in split else "")
+      for p in s["pairs"]]
+
+
+def write_report(study: Study, out_dir: Path) -> Path:
+  """Writes the study's report and plot under ``out_dir`` from its run files there."""
+  runs = load_runs(out_dir, study)
+  s = summarize(study, runs)
+  proto, problems = _protocol_line(study, runs)
   if runs:
-    plot_curves(runs, plot)
+    plot_curves(study, runs, out_dir / study.plot)
   any_rec = next((r for recs in runs.values() for r in recs.values()), None)
   cfg = any_rec["config"] if any_rec else {}
   n_done = sum(len(v) for v in runs.values())
   walls = [r["wall_s"] for recs in runs.values() for r in recs.values() if r.get("wall_s")]
+  flag = "" if study.name == "resnet20" else f" --study {study.name}"
 
   L = []
-  L.append("# Evidence study: Gradient Centralization on CIFAR-10 (JPEG-decoded copy)\n")
-  L.append("Generated by `python -m benchmarks.study --report-only` from the per-run files in "
-           "`docs/study/`; do not edit by hand." + (f" {title_note}" if title_note else "") + "\n")
+  L.append(f"# Evidence study: {study.title}\n")
+  L.append(f"Generated by `python -m benchmarks.study{flag} --report-only` from the per-run "
+           f"files in `docs/{study.runs_dir}/`; do not edit by hand.\n")
   L.append("**Data caveat.** All numbers here come from the *JPEG-decoded copy* of CIFAR-10 in "
            "`../shared/data/cifar10` (every image re-saved as a quality-75 JPEG, then decoded), "
            "not the official pixels. They are not comparable with published CIFAR-10 results.\n")
   L.append("## Protocol\n")
   L.append(f"- Model: `{proto.get('model')}` from the example's `examples/cifar/models.py` "
-           "(`resnet20` is He et al.'s CIFAR ResNet-20: 0.27M parameters, BatchNorm).")
+           f"({study.model_note}).")
   L.append(f"- Training data: a stratified subset of **{proto.get('train_subset')}** of the 50,000 "
            "training images (the same subset for every run); evaluation on the **full 10,000-image "
            "test set** after every epoch.")
+  warmup = cfg.get("warmup_epochs", proto.get("warmup_epochs", 0.0)) or 0.0
+  warm = f"after a linear warm-up over {warmup:g} epochs" if warmup else "no warm-up"
+  augment = {"crop_flip": "random crop (pad 4) + horizontal flip", "crop": "random crop (pad 4)",
+             "none": "no augmentation"}[cfg.get("augment", "crop_flip")]
   L.append(f"- {proto.get('epochs')} epochs, batch {proto.get('batch_size')}, "
-           f"{proto.get('schedule')} learning-rate decay to 0 over the run (no warm-up), random "
-           "crop (pad 4) + horizontal flip. The budget (each run about 3-4 minutes on a shared "
-           "2-core CPU) forced the short schedule; these are *short-budget* results, far from "
-           "converged (a full ResNet-20 run is ~180 epochs on 50,000 images).")
-  L.append("- Optimizers, at the example's defaults and identical within each pair: SGD momentum "
-           "0.9, lr 0.1, coupled weight decay 5e-4; Adam lr 1e-3 (b1 0.9, b2 0.999), coupled "
-           "weight decay 5e-4; AdamW lr 1e-3, decoupled weight decay 5e-4. GC = conv and dense "
-           "kernels (`optax_gc.centralize()`, mean over all axes but the last); GCC = conv "
-           "kernels only; AdamW+GC centralizes the final update (`gc_location=update`). "
-           "Nothing was tuned, for any arm.")
+           f"{proto.get('schedule')} learning-rate decay to 0 over the run ({warm}), {augment}. "
+           f"{study.budget_note}")
+  L.append(f"- {study.optimizer_note}")
   L.append("- Seeds: a seed fixes the initialization, the data order and the augmentation, and "
            "every arm runs the same seeds, so each difference below is paired.")
   if walls:
@@ -373,7 +560,7 @@ def write_report(out_dir: Path, *, title_note: str = "") -> Path:
   L.append("| " + " | ".join(head) + " |")
   L.append("|" + "|".join(["---"] * len(head)) + "|")
   for arm, a in s["arms"].items():
-    cells = [ARM_LABELS[arm], ",".join(map(str, a["seeds"])), _ms(list(a["final"].values())),
+    cells = [study.labels[arm], ",".join(map(str, a["seeds"])), _ms(list(a["final"].values())),
              _ms(list(a["best"].values()))]
     for ep in loss_eps:
       vals = [v for v in a["loss_at"].get(ep, {}).values() if v is not None]
@@ -381,69 +568,79 @@ def write_report(out_dir: Path, *, title_note: str = "") -> Path:
     L.append("| " + " | ".join(cells) + " |")
   L.append("")
 
-  L.append("## Paired differences, GC − baseline (percentage points of test accuracy)\n")
+  L.append("## Paired differences, treatment − baseline (percentage points of test accuracy)\n")
   L.append("Per seed, the treatment's accuracy minus the baseline's for that same seed; the mean "
            "and its 95% Student-t interval (n−1 degrees of freedom). An interval that contains 0 "
            "means the study cannot tell the arms apart. The last column is the same for the "
-           "final epoch's mean training loss (negative: GC trains faster). GC and GCC differ "
-           "only in the dense head (the one kernel of rank 2), so 'SGD-M + GC vs SGD-M + GCC' "
-           "is the effect of centralizing the head's gradient alone.\n")
+           "final epoch's mean training loss (negative: the treatment trains faster). "
+           f"{study.pairs_note}\n")
+  if s["pairs_planned"]:
+    L.append("Where a comparison was planned with fewer seeds than were run, its first row uses "
+             "only the planned seeds and its later row every seed run (extra seeds were added to "
+             "all arms alike because compute time allowed).\n")
   L.append("| comparison | seeds | per-seed Δ final | mean Δ final [95% CI] | per-seed Δ best "
            "| mean Δ best [95% CI] | mean Δ final train loss [95% CI] |")
   L.append("|---|---|---|---|---|---|---|")
-
-  def fmt_ci(d: dict[str, Any], scale: float = 100.0, digits: int = 2) -> str:
-    lo, hi = d["ci95"]
-    f = f"+.{digits}f"
-    ci = "n/a (n=1)" if math.isnan(lo) else f"[{scale * lo:{f}}, {scale * hi:{f}}]"
-    return f"{scale * d['mean']:{f}} {ci}"
-
-  rows = list(s["pairs"])
-  if s["pairs_planned"]:
-    rows = [*s["pairs_planned"], *s["pairs"]]
-    L.insert(len(L) - 2, "The first rows use only the planned seeds "
-             f"{', '.join(map(str, PLANNED_SEEDS))}; the last rows use every seed run (extra "
-             "seeds were added to all arms alike because compute time allowed).\n")
-  for p in rows:
+  for p, tag in _pair_rows(s):
     L.append(
-        f"| {ARM_LABELS[p['treatment']]} vs {ARM_LABELS[p['baseline']]} | "
+        f"| {study.labels[p['treatment']]} vs {study.labels[p['baseline']]}{tag} | "
         f"{','.join(map(str, p['seeds']))} | "
-        f"{', '.join(f'{100 * x:+.2f}' for x in p['final']['per_seed'])} | {fmt_ci(p['final'])} | "
-        f"{', '.join(f'{100 * x:+.2f}' for x in p['best']['per_seed'])} | {fmt_ci(p['best'])} | "
-        f"{fmt_ci(p['final_loss'], 1.0, 4)} |")
+        f"{', '.join(f'{100 * x:+.2f}' for x in p['final']['per_seed'])} | "
+        f"{_fmt_ci(p['final'])} | "
+        f"{', '.join(f'{100 * x:+.2f}' for x in p['best']['per_seed'])} | "
+        f"{_fmt_ci(p['best'])} | {_fmt_ci(p['final_loss'], 1.0, 4)} |")
   L.append("")
   if runs:
     L.append("## Curves\n")
-    L.append("![training loss and test accuracy per epoch](study_curves.png)\n")
+    L.append(f"![training loss and test accuracy per epoch]({study.plot})\n")
+  shares = first_step_shares(study, runs)
+  if shares:
+    L.append("## Where GC acts at the first step\n")
+    L.append("Share of the first batch's loss-gradient norm that GC removes, `‖mean component‖ "
+             "/ ‖g‖` (`optax_gc.gc_removed_fraction` with the arm's axes, logged by the example "
+             "at epoch 1 before the first step), per kind of kernel (mean over its layers), mean "
+             "over the seeds that logged it. 0 means GC leaves that gradient as it is; a leaf "
+             "the arm's axes leave alone reads 0, and one the arm skips by rank reads –.\n")
+    groups = list(dict.fromkeys(g for table, _ in shares.values() for g in table))
+    L.append("| parameter | " + " | ".join(
+        f"{study.labels[a]} (seeds {','.join(map(str, s))})" for a, (_, s) in shares.items())
+             + " |")
+    L.append("|---|" + "---|" * len(shares))
+    for g in groups:
+      cells = [f"{t[g]:.3f}" if g in t else "–" for t, _ in shares.values()]
+      L.append(f"| `{g}` | " + " | ".join(cells) + " |")
+    L.append("")
 
   L.append("## Verdict, and the paper's claims\n")
-  L.extend(_verdict(s))
+  L.extend(verdicts(study, s))
+  for paragraph in study.closing:
+    L.append("\n" + paragraph.format(train_subset=s["train_subset"], epochs=s["epochs"]))
   L.append("")
   L.append("## Reproduce\n")
   L.append("```bash")
-  L.append("python -m benchmarks.study                # runs the missing runs, rewrites this file")
-  L.append("python -m benchmarks.study --report-only  # this file and the plot from docs/study/")
+  L.append(f"python -m benchmarks.study{flag}                # runs the missing runs, rewrites "
+           "this file")
+  L.append(f"python -m benchmarks.study{flag} --report-only  # this file and the plot from "
+           f"docs/{study.runs_dir}/")
   L.append("```\n")
-  L.append("Each finished run is `docs/study/<arm>__seed<k>.json` (config, per-epoch metrics, "
-           "summary, wall time). The study skips runs whose file exists, so it resumes.")
+  L.append(f"Each finished run is `docs/{study.runs_dir}/<arm>__seed<k>.json` (config, per-epoch "
+           "metrics, summary, wall time). The study skips runs whose file exists, so it resumes.")
   if cfg:
-    L.append("\nFull config of one run (the others differ only in `optimizer`, `gc`, "
-             "`gc_location`, `seed`, and the optimizer defaults that follow from `optimizer`):\n")
+    L.append("\nFull config of one run (the others differ only in the fields their arm sets: "
+             "`optimizer`, `gc`, `gc_location`, `gc_axes`; the `seed`; and the optimizer "
+             "defaults that follow from `optimizer`):\n")
     L.append("```json\n" + json.dumps(cfg, indent=1, sort_keys=True) + "\n```")
-  path = out_dir / "results.md"
+  path = out_dir / study.report
   path.write_text("\n".join(L) + "\n")
   return path
 
 
-def _verdict(s: dict[str, Any]) -> list[str]:
-  """Plain-language reading of the paired intervals, computed, not hand-written."""
+def verdicts(study: Study, s: dict[str, Any]) -> list[str]:
+  """Plain-language reading of each paired interval, computed, not hand-written."""
   out = []
-  rows = [(p, "") for p in s["pairs"]]
-  if s["pairs_planned"]:
-    rows = [(p, " (planned seeds)") for p in s["pairs_planned"]] + [
-        (p, " (all seeds)") for p in s["pairs"]]
-  for p, tag in rows:
-    name = f"{ARM_LABELS[p['treatment']]} vs {ARM_LABELS[p['baseline']]}{tag}"
+  for p, tag in _pair_rows(s):
+    treat, base = study.labels[p["treatment"]], study.labels[p["baseline"]]
+    name = f"{treat} vs {base}{tag}"
     d = p["final"]
     lo, hi = d["ci95"]
     n = len(p["seeds"])
@@ -456,27 +653,9 @@ def _verdict(s: dict[str, Any]) -> list[str]:
     else:
       sign = "better" if lo > 0 else "worse"
       out.append(f"- {name}: mean {100 * d['mean']:+.2f} points over {n} seeds, 95% interval "
-                 f"[{100 * lo:+.2f}, {100 * hi:+.2f}] excludes 0: GC is **{sign}** in this "
-                 "short-budget setting (with this few seeds, treat it as a hint, not a finding).")
-  out.append(
-      "\nThe paper (Yong et al., ECCV 2020) claims faster training and better generalization, "
-      "with gains that are small even at full budget: the original code's README reports "
-      "ImageNet ResNet-50 (BN) top-1 error 23.71% -> 23.21% with GC, i.e. 0.50 points, from "
-      "single runs. (The paper's CIFAR-100 tables also show gains of the order of a point; we "
-      "did not re-verify those figures and quote none here.) A study this small (a "
-      f"{s.get('train_subset', '?')}-image subset, {s.get('epochs', '?')} epochs, the JPEG copy) "
-      "can resolve only differences about as large as its intervals above; it can neither "
-      "confirm nor refute a 0.5-point effect at full budget. What it can show is whether GC "
-      "speeds up or slows down *early* training here, paired seed by seed; the training-loss "
-      "columns and the curves speak to the paper's 'faster training' claim.")
-  out.append(
-      "\nCaveats on any SGD gain seen here: the learning rate (0.1, no warm-up) is the "
-      "baseline recipe's, untuned for either arm, and GC removes a large share of some "
-      "gradients (at the first step, 0.94 of the dense head's gradient norm and about 0.4 of the "
-      "convs' on average; the `gc_diagnostics` of the seed-3 runs), so part of an early gain may "
-      "be an effective-step-size effect rather than better conditioning. GC and GCC differ only "
-      "in the head, which makes that comparison the most direct probe of it. With Adam, whose "
-      "per-element scaling undoes much of a change in gradient scale, no effect is visible.")
+                 f"[{100 * lo:+.2f}, {100 * hi:+.2f}] excludes 0: {treat} is **{sign}** than "
+                 f"{base} in this short-budget setting (with this few seeds, treat it as a hint, "
+                 "not a finding).")
   return out
 
 
@@ -485,15 +664,18 @@ def _verdict(s: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  p.add_argument("--study", default="resnet20", choices=sorted(STUDIES))
   p.add_argument("--report-only", action="store_true", help="only rebuild the report")
   p.add_argument("--out-dir", default=str(ROOT / "docs"),
-                 help="where study/*.json, results.md and the plot go (default: docs/)")
+                 help="where the run files, the report and the plot go (default: docs/)")
   p.add_argument("--workdir", default=str(ROOT / "workdirs" / "study"),
                  help="scratch folder for the runs (checkpoints, logs)")
   p.add_argument("--data-dir", default=os.environ.get("OPTAX_GC_STUDY_DATA", str(DEFAULT_DATA)),
-                 help="folder with train.npz/test.npz (default: ../shared/data/cifar10)")
-  p.add_argument("--seeds", default="0,1,2")
-  p.add_argument("--arms", default=",".join(ARMS), help=f"subset of {list(ARMS)}")
+                 help="folder with train.npz/test.npz (default: ../shared/data/cifar10 next to "
+                      "the repository); recorded relative to the repository")
+  p.add_argument("--seeds", default=None, help="comma-separated (default: the study's planned "
+                                               "seeds)")
+  p.add_argument("--arms", default=None, help="comma-separated subset of the study's arms")
   p.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
   # Overrides of the protocol, for smoke tests (e.g. --dataset digits --model tiny --epochs 1).
   p.add_argument("--dataset", default=None)
@@ -502,20 +684,24 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--train-subset", type=int, default=None)
   a = p.parse_args(argv)
 
+  study = STUDIES[a.study]
   out_dir = Path(a.out_dir)
   if not a.report_only:
-    protocol = dict(PROTOCOL)
+    protocol = dict(study.protocol)
     for k in ("dataset", "model", "epochs", "train_subset"):
       if getattr(a, k) is not None:
         protocol[k] = getattr(a, k)
-    arms = [x for x in a.arms.split(",") if x]
-    unknown = set(arms) - set(ARMS)
+    arms = list(study.arms) if a.arms is None else [x for x in a.arms.split(",") if x]
+    unknown = set(arms) - set(study.arms)
     if unknown:
-      sys.exit(f"unknown arms {sorted(unknown)}; choose from {list(ARMS)}")
-    seeds = [int(x) for x in a.seeds.split(",") if x]
-    data_dir = None if protocol["dataset"] == "digits" else a.data_dir
-    run_study(arms, seeds, protocol, data_dir, out_dir, Path(a.workdir), max_runs=a.max_runs)
-  path = write_report(out_dir)
+      sys.exit(f"unknown arms {sorted(unknown)} for study {study.name}; choose from "
+               f"{list(study.arms)}")
+    seeds = list(study.default_seeds) if a.seeds is None else [
+        int(x) for x in a.seeds.split(",") if x]
+    data_dir = None if protocol["dataset"] == "digits" else Path(a.data_dir)
+    run_study(study, arms, seeds, protocol, data_dir, out_dir, Path(a.workdir),
+              max_runs=a.max_runs)
+  path = write_report(study, out_dir)
   print(f"wrote {path}")
 
 

@@ -26,9 +26,10 @@ Also reported, for each way: the **host time per step**, the CPU time of the Pyt
 runs the loop (``time.thread_time``) over one more round, divided by the steps. JAX dispatches
 asynchronously, so a loop whose host time per step is below the device's step time keeps the
 device busy, and the loop cannot be host-bound. It is an upper bound on the host work: a
-busy-waiting ``block_until_ready`` or loss read would add to it. Data: the CIFAR-10 npz pair in ``--data-dir`` (default
-``../shared/data/cifar10``, the JPEG-decoded copy); if it is missing (e.g. on a lent GPU machine)
-random uint8 images of the same shape, which cost the pipeline exactly the same.
+busy-waiting ``block_until_ready`` or loss read would add to it. Data: the CIFAR-10 npz pair in
+``--data-dir`` (default ``../shared/data/cifar10``, the JPEG-decoded copy); if it is missing
+(e.g. on a lent GPU machine) random uint8 images of the same shape, which cost the pipeline
+exactly the same.
 """
 
 import argparse

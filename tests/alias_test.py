@@ -55,7 +55,10 @@ class ReferenceSGD:
 
 
 class ReferenceAdam:
-  """Adam_GC(C), Adam_GC(C)2 (GC on the update) and their AdamW forms."""
+  """Adam_GC(C) and Adam_GC(C)2 (GC on the update), as in the paper's code; with ``decoupled``, the
+  same placements in the modern AdamW (``optax.adamw`` / ``torch.optim.AdamW``), which is not the
+  paper code's AdamW_GC(C)(2): those scale the whole step, decay included, by
+  ``lr * sqrt(1 - b2**t) / (1 - b1**t)`` and add eps to the uncorrected ``sqrt(v)``."""
 
   def __init__(self, lr, b1, b2, eps, weight_decay, conv_only, decoupled, on_update):
     self.lr, self.b1, self.b2, self.eps, self.wd = lr, b1, b2, eps, weight_decay

@@ -420,3 +420,29 @@ class CentralizeTakesTheSpecTest(chex.TestCase):
 
 if __name__ == "__main__":
   pytest.main([__file__])
+
+
+def test_reshape_groups_are_minimal_and_cover_both_shapes():
+  """The reshape rule's grouping: in order, equal products, and no group could be split."""
+  from optax_gc._src.infer import _reshape_groups
+
+  rng = np.random.default_rng(0)
+  for _ in range(500):
+    old = [int(x) for x in rng.integers(1, 5, size=rng.integers(0, 5))]
+    new, rest = [], int(np.prod(old))
+    while rest > 1:
+      d = int(rng.choice([d for d in range(2, rest + 1) if rest % d == 0]))
+      new.append(d)
+      rest //= d
+    new.insert(int(rng.integers(0, len(new) + 1)), 1)
+    groups = _reshape_groups(old, new)
+    assert [i for gi, _ in groups for i in gi] == list(range(len(old)))
+    assert [j for _, gj in groups for j in gj] == list(range(len(new)))
+    for gi, gj in groups:
+      sizes_i, sizes_j = [old[i] for i in gi], [new[j] for j in gj]
+      assert np.prod(sizes_i) == np.prod(sizes_j), (old, new, groups)
+      # Minimal: no proper prefix of both sides has equal products (ignoring size-1 dims).
+      for a in range(1, len(gi)):
+        for b in range(1, len(gj)):
+          if np.prod(sizes_i[:a]) == np.prod(sizes_j[:b]) > 1:
+            assert np.prod(sizes_i[a:]) == np.prod(sizes_j[b:]) == 1, (old, new, groups)

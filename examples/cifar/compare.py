@@ -23,7 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from examples.cifar.config import GC_LOCATIONS, GC_MODES, Config, add_flags, config_from_flags
+from examples.cifar.config import (
+  GC_LOCATIONS,
+  GC_MODES,
+  Config,
+  add_flags,
+  config_from_flags,
+  config_name,
+)
 from examples.cifar.input_pipeline import DataError
 from examples.cifar.train import TrainingDivergedError, train_and_evaluate
 
@@ -125,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
       parse_arm(arm)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     workdir = Path(args.workdir or Path("workdirs", "compare",
-                                        f"{args.config}_{config.dataset}_{config.optimizer}"))
+                                        f"{config_name(args)}_{config.dataset}_{config.optimizer}"))
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     histories = run_arms(config, arms, seeds, workdir)

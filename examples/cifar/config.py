@@ -11,12 +11,14 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["Config", "OPTIMIZERS", "GC_MODES", "GC_LOCATIONS", "SCHEDULES", "AUGMENTATIONS",
-           "BOOKKEEPING_FIELDS", "add_flags", "config_from_flags"]
+__all__ = ["Config", "OPTIMIZERS", "GC_MODES", "GC_LOCATIONS", "GC_AXES", "SCHEDULES",
+           "AUGMENTATIONS", "BOOKKEEPING_FIELDS", "DATASET_CONFIGS", "add_flags", "config_name",
+           "config_from_flags"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 GC_MODES = ("none", "gc", "gcc")
 GC_LOCATIONS = ("gradient", "update")
+GC_AXES = ("inferred", "last", "optax")
 SCHEDULES = ("step", "cosine", "constant")
 AUGMENTATIONS = ("crop_flip", "crop", "none")
 _DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3}
@@ -48,6 +50,12 @@ class Config:
   """``none`` (plain Optax), ``gc`` (conv and dense kernels) or ``gcc`` (conv kernels only)."""
   gc_location: str = "gradient"
   """Centralize the ``gradient`` (the paper) or the final ``update`` (same as gradient for SGD)."""
+  gc_axes: str = "inferred"
+  """Which axes of each parameter index its output units (GC averages over the others):
+  ``inferred`` reads them from the model (``optax_gc.nnx_output_axes``), ``last`` uses
+  ``output_axis=-1`` (right for Flax dense and conv kernels, wrong for attention's
+  ``(in, heads, head_dim)``), ``optax`` swaps in ``optax.centralize()``, which keeps axis 0 (the
+  PyTorch rule; wrong for every Flax kernel), for comparison only."""
   learning_rate: float | None = None
   """Peak learning rate; ``None``: 0.1 for SGD, 1e-3 for Adam/AdamW."""
   weight_decay: float | None = None
@@ -101,6 +109,10 @@ class Config:
     _check_choice("optimizer", self.optimizer, OPTIMIZERS)
     _check_choice("gc", self.gc, GC_MODES)
     _check_choice("gc_location", self.gc_location, GC_LOCATIONS)
+    _check_choice("gc_axes", self.gc_axes, GC_AXES)
+    if self.gc == "gcc" and self.gc_axes == "optax":
+      raise ValueError("gc_axes='optax' has no conv-only (gcc) form: optax.centralize() "
+                       "centralizes every leaf of rank > 1. Use gc='gc', or another gc_axes.")
     _check_choice("schedule", self.schedule, SCHEDULES)
     _check_choice("augment", self.augment, AUGMENTATIONS)
     if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
@@ -182,13 +194,17 @@ _FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
                                             help="train on a stratified subset of N images")),
     "--augment": ("augment", dict(choices=AUGMENTATIONS,
                                   help="on-device augmentation: random crop (pad 4) and flip")),
-    "--model": ("model", dict(help="resnet20|32|56, resnet18|34|50, resnet8, tiny")),
+    "--model": ("model", dict(help="resnet20|32|56, resnet18|34|50, resnet8, tiny, "
+                                      "vit_tiny, vit_test")),
     "--optimizer": ("optimizer", dict(choices=OPTIMIZERS)),
     "--gc": ("gc", dict(choices=GC_MODES,
                         help="none: plain Optax; gc: conv+dense kernels; gcc: conv kernels only")),
     "--gc-location": ("gc_location", dict(choices=GC_LOCATIONS,
                                           help="centralize the gradient (paper) or the final "
                                                "update (identical for SGD)")),
+    "--gc-axes": ("gc_axes", dict(choices=GC_AXES,
+                                  help="output axes: inferred from the model, last (-1), or "
+                                       "optax.centralize()'s axis 0 (the PyTorch rule)")),
     "--lr": ("learning_rate", dict(type=float, help="peak learning rate (default: 0.1 SGD, "
                                                     "1e-3 Adam/AdamW)")),
     "--weight-decay": ("weight_decay", dict(type=float, help="default 5e-4; coupled for SGD/Adam, "
@@ -223,9 +239,11 @@ _FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
 
 def add_flags(parser: argparse.ArgumentParser, *, skip: Sequence[str] = ()) -> None:
   """Adds ``--config`` and one flag per :class:`Config` field (except those in ``skip``)."""
-  parser.add_argument("--config", default="default",
+  parser.add_argument("--config", default=None,
                       help="starting config, a module in examples/cifar/configs "
-                           "(default, digits, cifar10_resnet20, cifar100)")
+                           "(default, digits, cifar10_resnet20, cifar100); if not given, the "
+                           "--dataset's own (cifar10: default, cifar100: cifar100, digits: "
+                           "digits), else default")
   group = parser.add_argument_group(
       "config overrides", "Each flag replaces one field of the --config; [brackets] show the "
       "field's default in Config (configs/default.py).")
@@ -243,11 +261,22 @@ def add_flags(parser: argparse.ArgumentParser, *, skip: Sequence[str] = ()) -> N
                            "SLURM, Open MPI, Kubernetes, TPU slices)")
 
 
+DATASET_CONFIGS = {"cifar10": "default", "cifar100": "cifar100", "digits": "digits"}
+"""The starting config a bare ``--dataset`` picks: that dataset's sensible defaults."""
+
+
+def config_name(args: argparse.Namespace) -> str:
+  """The starting config: ``--config`` if given, else the ``--dataset``'s, else ``default``."""
+  if args.config is not None:
+    return args.config
+  return DATASET_CONFIGS.get(getattr(args, "dataset", None) or "cifar10", "default")
+
+
 def config_from_flags(args: argparse.Namespace) -> Config:
-  """The ``--config`` starting point with every flag the user gave applied, resolved."""
+  """The starting config (:func:`config_name`) with every flag the user gave applied, resolved."""
   from examples.cifar import configs  # Late import: configs import this module.
 
-  config = configs.get_config(args.config)
+  config = configs.get_config(config_name(args))
   overrides = {
       field: getattr(args, field)
       for field, _ in _FLAGS.values()

@@ -26,11 +26,24 @@ def test_defaults_are_the_papers_cifar_recipe() -> None:
 def test_flags_override_the_named_config() -> None:
   config = _parse("--config", "digits", "--optimizer", "adam", "--gc", "gcc", "--seed", "3",
                   "--train-subset", "100", "--data-dir", "/d", "--step-boundaries", "0.3,0.6",
-                  "--nesterov", "true", "--distributed")
+                  "--nesterov", "true", "--distributed", "--gc-axes", "last")
   assert config.dataset == "digits" and config.model == "resnet8"
   assert config.learning_rate == 1e-3  # Adam's default, since neither config nor flag set it.
   assert (config.gc, config.seed, config.train_subset, config.data_dir) == ("gcc", 3, 100, "/d")
   assert config.step_boundaries == (0.3, 0.6) and config.nesterov and config.distributed
+  assert config.gc_axes == "last"
+
+
+def test_a_bare_dataset_picks_its_own_config() -> None:
+  digits = _parse("--dataset", "digits")
+  assert digits == configs.get_config("digits").resolved()  # ResNet-8, 6 epochs: not ResNet-18.
+  assert (digits.model, digits.epochs, digits.batch_size) == ("resnet8", 6, 32)
+  assert _parse("--dataset", "cifar100") == configs.get_config("cifar100").resolved()
+  assert _parse("--dataset", "cifar10") == _parse()  # The paper's CIFAR recipe.
+  # An explicit --config wins; --dataset then only replaces the dataset.
+  mixed = _parse("--config", "cifar10_resnet20", "--dataset", "cifar100")
+  assert (mixed.model, mixed.dataset) == ("resnet20", "cifar100")
+  assert _parse("--dataset", "digits", "--epochs", "2").epochs == 2
 
 
 def test_launch_flags_imply_distributed_and_are_checked() -> None:
@@ -53,6 +66,10 @@ def test_bad_values_are_clear_errors() -> None:
     Config(optimizer="lion").resolved()
   with pytest.raises(ValueError, match="Unknown config"):
     configs.get_config("nope")
+  with pytest.raises(ValueError, match="gc_axes must be one of"):
+    Config(gc_axes="first").resolved()
+  with pytest.raises(ValueError, match="no conv-only"):
+    _parse("--gc", "gcc", "--gc-axes", "optax")
 
 
 @pytest.mark.parametrize("name", configs.names())

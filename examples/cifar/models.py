@@ -1,6 +1,7 @@
-"""CIFAR ResNets in Flax NNX: He et al.'s ResNet-20/32/56, and ResNet-18/34/50 with a CIFAR stem.
+"""Models for 32x32 images in Flax NNX: CIFAR ResNets and a small Vision Transformer.
 
-Every variant is a ``functools.partial`` of one class, :class:`ResNet`:
+He et al.'s ResNet-20/32/56, ResNet-18/34/50 with a CIFAR stem, and a pre-LayerNorm ViT. Every
+variant is a ``functools.partial`` of one class, :class:`ResNet` or :class:`ViT`:
 
 =============  ============  =====================  ===========  ==========
 name           blocks/stage  widths                 block        shortcut
@@ -21,8 +22,24 @@ average pooling and one dense layer. ``resnet20/32/56`` follow He et al.'s CIFAR
 ``resnet18/34/50`` are the ImageNet stage layouts with projection (1x1 conv + BN) shortcuts,
 as in the GC paper's CIFAR-100 experiments. ``resnet8`` and ``tiny`` are for quick runs and tests.
 
-Kernels are in Flax layout ``(kh, kw, in, out)`` / ``(in, out)``: the output axis is the last one,
-which is what ``optax_gc``'s default ``output_axis=-1`` expects.
+=============  =====  =====  =====  =====  ==========  ===========
+name           patch  width  depth  heads  MLP width   parameters
+=============  =====  =====  =====  =====  ==========  ===========
+``vit_tiny``   4      128    4      4      256         0.54M
+``vit_test``   8      16     1      2      32          5.8k
+=============  =====  =====  =====  =====  ==========  ===========
+
+The ViT cuts the image into non-overlapping patches (a strided conv), adds learned position
+embeddings, runs pre-LayerNorm blocks (``nnx.MultiHeadAttention``, then a GELU MLP), and
+classifies the mean over tokens after a final LayerNorm. It has no dropout and no BatchNorm, so
+``train`` changes nothing. ``vit_tiny`` is small on purpose: a CIFAR run fits minutes on 2 CPU
+cores.
+
+ResNet kernels are in Flax layout ``(kh, kw, in, out)`` / ``(in, out)``: the output axis is the
+last one, which is what ``optax_gc``'s default ``output_axis=-1`` expects. The ViT's attention
+kernels are not: ``nnx.MultiHeadAttention``'s query, key and value kernels are
+``(in, heads, head_dim)``, whose output units are indexed by ``(heads, head_dim)``, axes
+``(1, 2)``; the default ``-1`` would average across heads.
 """
 
 import functools
@@ -33,12 +50,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["ResNet", "BasicBlock", "BottleneckBlock", "MODELS", "create_model"]
+__all__ = ["ResNet", "BasicBlock", "BottleneckBlock", "ViT", "ViTBlock", "MODELS",
+           "create_model"]
 
 Shortcut = Literal["pad", "projection"]
 
 # He et al.'s initialization for convolutions (kaiming normal, fan-out), as in torchvision.
 _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+# The ViT's dense and attention kernels: Xavier uniform, as in the ViT paper's code.
+_dense_init = nnx.initializers.xavier_uniform()
 
 
 def _conv(in_ch: int, out_ch: int, kernel: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
@@ -184,10 +204,80 @@ class ResNet(nnx.Module):
     return self.head(jnp.mean(x, axis=(1, 2)))
 
 
+class ViTBlock(nnx.Module):
+  """A pre-LayerNorm Transformer encoder block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
+
+  def __init__(self, dim: int, num_heads: int, mlp_dim: int, *, rngs: nnx.Rngs):
+    self.ln1 = nnx.LayerNorm(dim, rngs=rngs)
+    self.attn = nnx.MultiHeadAttention(
+        num_heads, dim, kernel_init=_dense_init, decode=False, deterministic=True,
+        keep_rngs=False, rngs=rngs)
+    self.ln2 = nnx.LayerNorm(dim, rngs=rngs)
+    self.mlp1 = nnx.Linear(dim, mlp_dim, kernel_init=_dense_init, rngs=rngs)
+    self.mlp2 = nnx.Linear(mlp_dim, dim, kernel_init=_dense_init, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x + self.attn(self.ln1(x))
+    return x + self.mlp2(nnx.gelu(self.mlp1(self.ln2(x))))
+
+
+class ViT(nnx.Module):
+  """A Vision Transformer for small images: patches, position embeddings, blocks, mean pooling.
+
+  Args:
+    patch_size: side of the square, non-overlapping patches (must divide ``image_size``).
+    dim: token width.
+    depth: number of :class:`ViTBlock` blocks.
+    num_heads: attention heads (must divide ``dim``).
+    mlp_dim: hidden width of each block's MLP.
+    num_classes: size of the output layer.
+    in_channels: channels of the input images.
+    image_size: side of the square input images.
+    rngs: the random streams used to initialize parameters.
+  """
+
+  def __init__(
+      self,
+      *,
+      patch_size: int,
+      dim: int,
+      depth: int,
+      num_heads: int,
+      mlp_dim: int,
+      num_classes: int = 10,
+      in_channels: int = 3,
+      image_size: int = 32,
+      rngs: nnx.Rngs,
+  ):
+    if image_size % patch_size:
+      raise ValueError(f"patch_size {patch_size} must divide image_size {image_size}.")
+    self.patch_embed = nnx.Conv(in_channels, dim, (patch_size, patch_size),
+                                strides=patch_size, padding="VALID", rngs=rngs)
+    num_patches = (image_size // patch_size) ** 2
+    self.pos_embed = nnx.Param(
+        nnx.initializers.normal(0.02)(rngs.params(), (1, num_patches, dim)))
+    self.blocks = nnx.List([ViTBlock(dim, num_heads, mlp_dim, rngs=rngs) for _ in range(depth)])
+    self.norm = nnx.LayerNorm(dim, rngs=rngs)
+    self.head = nnx.Linear(dim, num_classes, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """Returns logits for float images ``x`` of shape ``(batch, height, width, channels)``.
+
+    ``train`` is accepted for the common model signature; this ViT has no dropout or BatchNorm,
+    so it computes the same function either way.
+    """
+    del train
+    x = self.patch_embed(x)
+    x = x.reshape(x.shape[0], -1, x.shape[-1]) + self.pos_embed[...]
+    for block in self.blocks:
+      x = block(x)
+    return self.head(jnp.mean(self.norm(x), axis=1))
+
+
 _cifar = functools.partial(ResNet, widths=(16, 32, 64), block=BasicBlock, shortcut="pad")
 _imagenet_widths = (64, 128, 256, 512)
 
-MODELS: dict[str, Callable[..., ResNet]] = {
+MODELS: dict[str, Callable[..., ResNet | ViT]] = {
     "resnet20": functools.partial(_cifar, stage_sizes=(3, 3, 3)),
     "resnet32": functools.partial(_cifar, stage_sizes=(5, 5, 5)),
     "resnet56": functools.partial(_cifar, stage_sizes=(9, 9, 9)),
@@ -198,11 +288,13 @@ MODELS: dict[str, Callable[..., ResNet]] = {
     ),
     "resnet8": functools.partial(_cifar, stage_sizes=(1, 1, 1)),
     "tiny": functools.partial(_cifar, stage_sizes=(1, 1, 1), widths=(4, 8, 16)),
+    "vit_tiny": functools.partial(ViT, patch_size=4, dim=128, depth=4, num_heads=4, mlp_dim=256),
+    "vit_test": functools.partial(ViT, patch_size=8, dim=16, depth=1, num_heads=2, mlp_dim=32),
 }
 """Model name -> constructor taking ``num_classes`` and ``rngs`` (keyword-only)."""
 
 
-def create_model(name: str, num_classes: int, seed: int) -> ResNet:
+def create_model(name: str, num_classes: int, seed: int) -> ResNet | ViT:
   """Builds the named model with parameters initialized from ``seed``."""
   if name not in MODELS:
     raise ValueError(f"Unknown model {name!r}; choose one of {sorted(MODELS)}.")

@@ -1,4 +1,4 @@
-"""Tests for the NNX ResNets: parameter counts, shapes, BatchNorm train/eval behaviour."""
+"""Tests for the NNX models: parameter counts, shapes, BatchNorm train/eval behaviour, the ViT."""
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,11 @@ def _num_params(name: str, num_classes: int = 10) -> int:
     ("resnet56", 853_018),  # 0.85M.
     ("resnet18", 11_173_962),  # torchvision's CIFAR-stem ResNet-18 with 10 classes.
     ("resnet50", 23_520_842),
+    # Patch conv 4*4*3*128 + 128, positions 64*128, 4 blocks of (2 LayerNorms 512, attention
+    # 4 * (128*128 + 128), MLP 128*256 + 256 + 256*128 + 128), final LayerNorm 256, head 1290.
+    ("vit_tiny", 6_272 + 8_192 + 4 * (512 + 66_048 + 65_920) + 256 + 1_290),
+    ("vit_test", 8*8*3*16 + 16 + 16*16 + (64 + 4 * (16*16 + 16) + 16*32 + 32 + 32*16 + 16)
+     + 32 + 16*10 + 10),
 ])
 def test_parameter_counts_match_the_papers(name: str, count: int) -> None:
   assert _num_params(name) == count
@@ -48,3 +53,24 @@ def test_batchnorm_updates_statistics_only_in_training() -> None:
 def test_unknown_model_is_a_clear_error() -> None:
   with pytest.raises(ValueError, match="resnet20"):
     models.create_model("resnet21", 10, 0)
+
+
+def test_vit_shapes_and_attention_kernel_layout() -> None:
+  model = models.create_model("vit_test", num_classes=7, seed=0)
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  logits = model(x, train=True)
+  assert logits.shape == (2, 7)
+  np.testing.assert_array_equal(logits, model(x, train=False))  # No dropout, no BatchNorm.
+  assert model.patch_embed.kernel[...].shape == (8, 8, 3, 16)  # 16 patches of 8x8.
+  assert model.pos_embed[...].shape == (1, 16, 16)
+  attn = model.blocks[0].attn
+  for name in ("query", "key", "value"):  # (in, heads, head_dim): output units on axes (1, 2).
+    assert getattr(attn, name).kernel[...].shape == (16, 2, 8)
+    assert getattr(attn, name).bias[...].shape == (2, 8)
+  assert attn.out.kernel[...].shape == (2, 8, 16)
+  assert model.head.kernel[...].shape == (16, 7)
+
+
+def test_vit_patch_size_must_divide_the_image() -> None:
+  with pytest.raises(ValueError, match="patch_size 5 must divide image_size 32"):
+    models.ViT(patch_size=5, dim=8, depth=1, num_heads=2, mlp_dim=8, rngs=nnx.Rngs(0))

@@ -1,4 +1,4 @@
-"""Trains a ResNet with optax_gc on CIFAR-10/100 or digits: data-parallel, resumable, logged.
+"""Trains a ResNet or ViT with optax_gc on CIFAR-10/100 or digits: data-parallel, resumable.
 
 Run ``python -m examples.cifar.train --help`` (the README has the commands). From Python::
 
@@ -51,9 +51,9 @@ from examples.cifar.config import BOOKKEEPING_FIELDS, Config, add_flags, config_
 from examples.cifar.input_pipeline import Batch, DataError, Split
 
 __all__ = [
-    "TrainingDivergedError", "make_learning_rate", "make_optimizer", "make_mesh", "train_step_fn",
-    "train_step", "flat_train_step",
-    "eval_step", "gc_removed_share", "train_epoch", "evaluate", "train_and_evaluate", "main",
+    "TrainingDivergedError", "make_learning_rate", "gc_output_axes", "make_optimizer", "make_mesh",
+    "train_step_fn", "train_step", "flat_train_step", "eval_step", "gc_removed_share",
+    "train_epoch", "evaluate", "train_and_evaluate", "main",
     "TRACE_COUNTS",
 ]
 
@@ -87,8 +87,32 @@ def make_learning_rate(config: Config, steps_per_epoch: int) -> optax.Schedule:
   return lambda step: jnp.where(step < warmup, lr * (step + 1) / warmup, schedule(step))
 
 
-def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
-  """The Optax chain for ``config``: an ``optax_gc`` alias, or the same chain without GC.
+def gc_output_axes(config: Config, model: nnx.Module, image_shape: tuple[int, ...]) -> Any:
+  """The ``output_axis`` that :func:`make_optimizer` gives GC, as ``config.gc_axes`` asks.
+
+  Args:
+    config: the run; only ``gc_axes`` matters.
+    model: the model to train.
+    image_shape: one input image's shape, ``(height, width, channels)``.
+
+  Returns:
+    For ``inferred``, the spec tree that ``optax_gc.nnx_output_axes`` reads from the model's
+    ``model(x, train=True)`` (traced on a ``jax.ShapeDtypeStruct``: nothing is computed). For
+    ``last``, ``-1``. For ``optax``, ``0``: the axis ``optax.centralize()`` keeps (the optimizer
+    uses ``optax.centralize()`` itself; the ``0`` serves the GC diagnostics).
+  """
+  if config.gc_axes == "last":
+    return -1
+  if config.gc_axes == "optax":
+    return 0
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  return optax_gc.nnx_output_axes(model, x, train=True)
+
+
+def make_optimizer(
+    config: Config, steps_per_epoch: int, output_axis: Any = -1
+) -> optax.GradientTransformation:
+  """The Optax chain for ``config``: an ``optax_gc`` alias, or the same chain without it.
 
   ``--gc none`` builds exactly the alias's chain minus the centralization step, so the arms
   differ only by GC:
@@ -99,27 +123,40 @@ def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransf
   adamw     [centralize] -> scale_by_adam -> add_decayed_weights (decoupled) -> scale by lr
   ========  ===================================================================================
 
-  With ``gc_location="update"`` Adam/AdamW centralize the final update instead. For SGD both
-  locations give the same update (GC and momentum are linear), so SGD always uses ``gc_sgd``.
+  With ``gc_location="update"`` Adam/AdamW centralize the final update instead (before the lr
+  scaling). For SGD both locations give the same update (GC and momentum are linear), so SGD
+  always centralizes the gradient. With ``gc_axes="optax"`` the same chain holds the literal
+  ``optax.centralize()`` (keeps axis 0, PyTorch's rule) in place of ``optax_gc``'s.
+
+  Args:
+    config: the run.
+    steps_per_epoch: optimizer steps per epoch (for the learning-rate schedule).
+    output_axis: the output axes GC keeps, as every ``optax_gc`` alias takes them: an int, a
+      tuple, or a spec tree (:func:`gc_output_axes`). Unused for ``gc="none"`` and
+      ``gc_axes="optax"``.
+
+  Returns:
+    The :class:`optax.GradientTransformation`.
   """
   config = config.resolved()
   lr = make_learning_rate(config, steps_per_epoch)
   wd = config.weight_decay
-  if config.gc == "none":
+  if config.gc == "none" or config.gc_axes == "optax":
+    gc = optax.centralize() if config.gc != "none" else None
+    on_update = gc is not None and config.gc_location == "update" and config.optimizer != "sgd"
+    at_gradient, at_update = (None, gc) if on_update else (gc, None)
     if config.optimizer == "sgd":
-      return optax.chain(
-          optax.add_decayed_weights(wd),
-          optax.trace(decay=config.momentum, nesterov=config.nesterov),
-          optax.scale_by_learning_rate(lr),
-      )
-    if config.optimizer == "adam":
-      return optax.chain(
-          optax.add_decayed_weights(wd),
-          optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps),
-          optax.scale_by_learning_rate(lr),
-      )
-    return optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=wd)
-  gc_options = dict(conv_only=config.gc == "gcc")
+      chain = [optax.add_decayed_weights(wd), at_gradient,
+               optax.trace(decay=config.momentum, nesterov=config.nesterov)]
+    elif config.optimizer == "adam":
+      chain = [optax.add_decayed_weights(wd), at_gradient,
+               optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps)]
+    else:
+      chain = [at_gradient, optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps),
+               optax.add_decayed_weights(wd)]
+    chain += [at_update, optax.scale_by_learning_rate(lr)]
+    return optax.chain(*[t for t in chain if t is not None])
+  gc_options = dict(conv_only=config.gc == "gcc", output_axis=output_axis)
   if config.optimizer == "sgd":
     return optax_gc.gc_sgd(lr, config.momentum, config.nesterov, wd, **gc_options)
   gc_options["centralize_update"] = config.gc_location == "update"
@@ -242,26 +279,28 @@ def eval_step(model: models.ResNet, batch: Batch, mean_std: jax.Array) -> dict[s
   return _loss_and_metrics(logits, batch.labels, batch.mask)[1]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "min_ndim"))
-def _gc_fractions(graphdef: nnx.GraphDef, state: nnx.State, batch: Batch, mean_std: jax.Array,
-                  min_ndim: int) -> nnx.State:
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _loss_grads(graphdef: nnx.GraphDef, state: nnx.State, batch: Batch, mean_std: jax.Array
+                ) -> nnx.State:
   model = nnx.merge(graphdef, state)  # A copy: BatchNorm updates here are thrown away.
   x = input_pipeline.normalize(batch.images, mean_std)
-  grads = nnx.grad(lambda m: _loss_and_metrics(m(x, train=True), batch.labels, batch.mask)[0])(
+  return nnx.grad(lambda m: _loss_and_metrics(m(x, train=True), batch.labels, batch.mask)[0])(
       model)
-  return optax_gc.gc_removed_fraction(grads, min_ndim=min_ndim)
 
 
 def gc_removed_share(
-    model: models.ResNet, batch: Batch, mean_std: jax.Array, min_ndim: int = 2
+    model: models.ResNet, batch: Batch, mean_std: jax.Array, min_ndim: int = 2,
+    output_axis: Any = -1,
 ) -> dict[str, float]:
   """Per kernel, the share of the loss gradient's norm that GC removes (``optax_gc``'s diagnostic).
 
-  Computed on ``batch`` without changing the model; only leaves GC acts on (rank >= ``min_ndim``)
-  are listed, by path (e.g. ``stages/0/1/conv2/kernel``).
+  Computed on ``batch`` without changing the model, with GC's ``output_axis`` (an int or a spec
+  tree, as :func:`make_optimizer` takes it); only leaves of rank >= ``min_ndim`` are listed, by
+  path (e.g. ``stages/0/1/conv2/kernel``), with 0 for those the spec leaves alone.
   """
   graphdef, state = nnx.split(model)
-  fractions = _gc_fractions(graphdef, state, batch, mean_std, min_ndim)
+  grads = _loss_grads(graphdef, state, batch, mean_std)
+  fractions = optax_gc.gc_removed_fraction(grads, output_axis, min_ndim=min_ndim)
   params = nnx.state(model, nnx.Param)
   shares = {}
   for (path, p), (_, r) in zip(jax.tree_util.tree_leaves_with_path(params),
@@ -273,11 +312,17 @@ def gc_removed_share(
 
 
 def _summarize_shares(shares: dict[str, float]) -> str:
-  """``stem 0.21 | stage1 0.15 | ... | head 0.03``: mean share per part of the network."""
+  """``stem 0.21 | stage1 0.15 | ... | head 0.03``: mean share per part of the network.
+
+  ResNet stages are ``stage1, ...``, ViT blocks ``block1, ...``; other parts go by their name.
+  """
   groups: dict[str, list[float]] = collections.defaultdict(list)
   for name, share in shares.items():
     parts = name.split("/")
-    key = f"stage{int(parts[1]) + 1}" if parts[0] == "stages" else parts[0].removesuffix("_conv")
+    if parts[0] in ("stages", "blocks"):
+      key = f"{parts[0][:-1]}{int(parts[1]) + 1}"
+    else:
+      key = parts[0].removesuffix("_conv")
     groups[key].append(share)
   order = sorted(groups, key=lambda k: (k != "stem", k == "head", k))  # stem, stages, head.
   return " | ".join(f"{k} {np.mean(groups[k]):.3f}" for k in order)
@@ -455,7 +500,8 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> dict[str, Any]:
   steps_per_epoch = -(-len(train_split) // config.batch_size)
 
   model = models.create_model(config.model, data.num_classes, config.seed)
-  tx = make_optimizer(config, steps_per_epoch)
+  output_axis = gc_output_axes(config, model, train_split.images.shape[1:])
+  tx = make_optimizer(config, steps_per_epoch, output_axis)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   _replicate(mesh, model, optimizer)
   schedule = make_learning_rate(config, steps_per_epoch)
@@ -482,14 +528,16 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> dict[str, Any]:
   num_params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
   log(f"{config.dataset} ({data.source}): {len(train_split)} train / {len(data.test)} test | "
       f"{config.model} ({num_params / 1e6:.2f}M params) | {config.optimizer} gc={config.gc} "
-      f"({config.gc_location}) | {mesh.size} device(s), {jax.devices()[0].platform}"
+      f"({config.gc_location}, {config.gc_axes} axes) | {mesh.size} device(s), "
+      f"{jax.devices()[0].platform}"
       + (f", {jax.process_count()} processes | " if jax.process_count() > 1 else " | ")
       + (f"resuming after epoch {start_epoch}" if start_epoch else f"workdir {workdir}"))
 
   for epoch in range(start_epoch + 1, config.epochs + 1):
     start = time.perf_counter()
     if epoch == 1 or epoch % max(config.gc_log_every_epochs, 1) == 0:
-      _log_gc_shares(model, mesh, train_split, config, epoch, mean_std, workdir, log, chief)
+      _log_gc_shares(model, mesh, train_split, config, epoch, mean_std, workdir, log, chief,
+                     output_axis)
     try:
       train = train_epoch(model, optimizer, mesh, train_split, config, epoch, rng, mean_std)
     except TrainingDivergedError as e:
@@ -529,12 +577,13 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> dict[str, Any]:
 
 
 def _log_gc_shares(model: models.ResNet, mesh: Mesh, split: Split, config: Config, epoch: int,
-                   mean_std: jax.Array, workdir: Path, log: Any, chief: bool) -> None:
+                   mean_std: jax.Array, workdir: Path, log: Any, chief: bool,
+                   output_axis: Any) -> None:
   """Logs, on the epoch's first batch, the per-kernel share of the gradient GC would remove."""
   idx, mask = input_pipeline.train_batches(len(split), config.batch_size, config.seed, epoch)
   batch = input_pipeline.shard_batch(mesh, split, idx[0], mask[0])
   min_ndim = 3 if config.gc == "gcc" else 2
-  shares = gc_removed_share(model, batch, mean_std, min_ndim)
+  shares = gc_removed_share(model, batch, mean_std, min_ndim, output_axis)
   log(f"epoch {epoch:3d} GC share of gradient norm "
       f"({'acting' if config.gc != 'none' else 'not applied'}): {_summarize_shares(shares)}")
   if chief:
@@ -656,18 +705,23 @@ def _summary(history: list[dict[str, Any]], config: Config, **extra: Any) -> dic
 
 
 def default_workdir(config: Config) -> Path:
-  """``workdirs/cifar/<dataset>_<model>_<optimizer>_<gc>[_update]_seed<seed>`` under the cwd."""
-  location = "_update" if config.gc_location == "update" and config.gc != "none" else ""
+  """``workdirs/cifar/<dataset>_<model>_<optimizer>_<gc>[_update][_axes-<gc_axes>]_seed<seed>``.
+
+  Under the cwd; ``_axes-...`` only for GC with non-default ``gc_axes``.
+  """
+  gc = config.gc != "none"
+  location = "_update" if config.gc_location == "update" and gc else ""
+  axes = f"_axes-{config.gc_axes}" if gc and config.gc_axes != Config().gc_axes else ""
   return Path("workdirs", "cifar", f"{config.dataset}_{config.model}_{config.optimizer}_"
-                                   f"{config.gc}{location}_seed{config.seed}")
+                                   f"{config.gc}{location}{axes}_seed{config.seed}")
 
 
 def main(argv: list[str] | None = None) -> int:
   """Parses flags, trains, prints the summary; returns the exit status."""
   parser = argparse.ArgumentParser(
       prog="python -m examples.cifar.train",
-      description="Train a ResNet with Gradient Centralization (optax_gc) on CIFAR-10/100 or "
-                  "the offline digits set. Rerun with the same --workdir to resume.")
+      description="Train a ResNet or ViT with Gradient Centralization (optax_gc) on CIFAR-10/100 "
+                  "or the offline digits set. Rerun with the same --workdir to resume.")
   add_flags(parser)
   parser.add_argument("--workdir", help="output folder (default: workdirs/cifar/<dataset>_"
                                         "<model>_<optimizer>_<gc>_seed<seed>)")

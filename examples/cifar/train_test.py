@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,6 +110,79 @@ def test_none_arm_is_the_gc_chain_minus_centralization(optimizer: str, location:
     np.testing.assert_array_equal(updates["gcc"]["w"], updates["none"]["w"])  # GCC: convs only.
     assert not np.allclose(updates["gc"]["w"], updates["none"]["w"])
     params = optax.apply_updates(params, updates["none"])
+
+
+@pytest.mark.parametrize("optimizer, location", [
+    ("sgd", "gradient"), ("adam", "gradient"), ("adam", "update"), ("adamw", "gradient"),
+    ("adamw", "update")])
+def test_optax_axes_put_optax_centralize_in_gcs_place(optimizer: str, location: str) -> None:
+  """``gc_axes="optax"`` is the optax_gc alias with ``optax.centralize()`` (axis 0) for GC."""
+  params = {"w": jnp.arange(12.0).reshape(3, 4) / 10, "b": jnp.ones(4)}
+  base = Config(optimizer=optimizer, gc_location=location, epochs=10, weight_decay=1e-2)
+  tx = train.make_optimizer(dataclasses.replace(base, gc_axes="optax"), 5)
+  axis0 = train.make_optimizer(dataclasses.replace(base, gc_axes="last"), 5, output_axis=0)
+  last = train.make_optimizer(dataclasses.replace(base, gc_axes="last"), 5)
+  txs = {"optax": tx, "axis0": axis0, "last": last}
+  states = {k: t.init(params) for k, t in txs.items()}
+  for step in range(3):
+    # Signs vary along both axes, so Adam's first step (about -lr * sign(g)) has no fixed mean.
+    grads = jax.tree.map(lambda p, s=step: jnp.sin(p * 10 * (s + 3)) + 0.1, params)
+    updates = {}
+    for k, t in txs.items():
+      updates[k], states[k] = t.update(grads, states[k], params)
+    got, other = updates["optax"], updates["last"]
+    chex.assert_trees_all_close(got, updates["axis0"], rtol=1e-5, atol=1e-7)
+    assert not np.allclose(got["w"], other["w"])  # Not the default axis.
+    params = optax.apply_updates(params, got)
+
+
+def _one_step(name: str, gc_axes: str) -> dict[str, np.ndarray]:
+  """One SGD step (no momentum yet, no decay) of ``name`` with GC on ``gc_axes``: the update."""
+  model = models.create_model(name, 10, 0)
+  # Move every parameter off its initial value: at init a LayerNorm's output has zero mean over
+  # the features, so the gradient of each kernel that reads it already has zero fan-in mean.
+  params = nnx.state(model, nnx.Param)
+  keys = iter(jax.random.split(jax.random.key(2), len(jax.tree.leaves(params))))
+  nnx.update(model, jax.tree.map(lambda p: p + 0.3 * jax.random.normal(next(keys), p.shape),
+                                 params))
+  config = Config(optimizer="sgd", weight_decay=0.0, epochs=1, gc_axes=gc_axes)
+  tx = train.make_optimizer(config, 5, train.gc_output_axes(config, model, (32, 32, 3)))
+  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  grads = nnx.grad(lambda m: jnp.sum(jnp.sin(m(x, train=True))))(model)
+  before = nnx.state(model, nnx.Param)
+  before = {jax.tree_util.keystr(k, simple=True, separator="/"): np.asarray(v)
+            for k, v in jax.tree_util.tree_leaves_with_path(before)}
+  nnx.Optimizer(model, tx, wrt=nnx.Param).update(model, grads)
+  after = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
+  return {k.removesuffix("/value"): np.asarray(v) - before[jax.tree_util.keystr(
+      path, simple=True, separator="/")] for path, v in after
+      for k in [jax.tree_util.keystr(path, simple=True, separator="/")]}
+
+
+def test_inferred_axes_are_the_last_axis_on_a_resnet_but_not_on_attention() -> None:
+  """``gc_axes="inferred"`` = ``last`` on a CNN; on the ViT it differs exactly where -1 is wrong."""
+  assert Config().gc_axes == "inferred"
+  inferred, last = _one_step("tiny", "inferred"), _one_step("tiny", "last")
+  for k in inferred:
+    np.testing.assert_array_equal(inferred[k], last[k], err_msg=k)
+
+  inferred, last = _one_step("vit_test", "inferred"), _one_step("vit_test", "last")
+  differ = {k for k in inferred if not np.allclose(inferred[k], last[k], rtol=1e-5, atol=1e-9)}
+  attention = {f"blocks/0/attn/{n}/{w}" for n in ("query", "key", "value")
+               for w in ("kernel", "bias")}
+  # -1 averages q/k/v kernels (in, heads, head_dim) across heads, centralizes the rank-2
+  # (heads, head_dim) biases, and the (1, patches, dim) position table across patches. The key
+  # bias's gradient is 0 (softmax ignores a shift shared by all keys), so it stays equal.
+  assert differ == attention - {"blocks/0/attn/key/bias"} | {"pos_embed"}
+  for n in ("query", "key", "value"):  # Inferred: zero mean over the fan-in (axis 0) per unit.
+    update = inferred[f"blocks/0/attn/{n}/kernel"]
+    np.testing.assert_allclose(update.mean(0), 0.0, atol=1e-7)
+    assert np.abs(last[f"blocks/0/attn/{n}/kernel"].mean(0)).max() > 1e-6
+
+
+def test_optax_axes_have_no_gcc_form() -> None:
+  with pytest.raises(ValueError, match="gc_axes='optax' has no conv-only"):
+    train.make_optimizer(Config(gc="gcc", gc_axes="optax"), 5)
 
 
 def test_learning_rate_schedules() -> None:

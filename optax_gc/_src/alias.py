@@ -81,7 +81,8 @@ def gc_sgd(
     conv_only: ``True`` centralizes only conv kernels (rank >= 3): the
       paper's GCC. ``False`` centralizes dense kernels too (GC). The
       authors' code tests rank > 3, written for 2-D convs; here 1-D conv
-      kernels ``(k, in, out)`` count as conv kernels too.
+      kernels ``(k, in, out)`` count as conv kernels too. Their exact rule
+      on a PyTorch-layout tree is ``centralize(0, min_ndim=4)``.
     output_axis: which axis holds output units, see :func:`optax_gc.centralize`.
 
   Returns:
@@ -155,7 +156,7 @@ def gc_adam(
   with bias-corrected :math:`\hat m, \hat v` and :math:`\epsilon` added to
   :math:`\sqrt{\hat v}` (as ``optax.adam`` and ``torch.optim.Adam``).
 
-  With ``centralize_update=True`` (the paper code's ``Adam_GC2``) the gradient
+  With ``centralize_update=True`` (exactly the paper code's ``Adam_GC2``) the gradient
   goes into Adam's moments unchanged and :math:`\Phi` is applied to the final
   update :math:`-\eta \hat m / (\sqrt{\hat v} + \epsilon)` instead. Adam's
   per-element scaling does not keep the centralized gradient centralized, so
@@ -236,6 +237,12 @@ def gc_adamw(
   With ``centralize_update=True``, :math:`\Phi` is applied instead to the final
   update, decoupled decay term included, so each output unit's fan-in sum of
   weights stays exactly constant.
+
+  The paper code's ``AdamW_GC`` / ``AdamW_GC2`` match only in where GC is
+  placed: their AdamW is an older formula, which scales the whole step, decay
+  included, by :math:`\eta \sqrt{1-\beta_2^t} / (1-\beta_1^t)` and adds
+  :math:`\epsilon` to the uncorrected :math:`\sqrt{v}`. This is the modern
+  AdamW above.
 
   Args:
     learning_rate: a float or an ``optax.Schedule``.
