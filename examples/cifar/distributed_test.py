@@ -162,8 +162,8 @@ def test_two_processes_train_like_one_process_on_two_devices_and_resume_after_ki
   assert [r.returncode for r in resumed] == [0, 0], resumed[0].stderr[-3000:]
   assert "| resuming after epoch 1" in resumed[0].stdout
 
-  # Per epoch, the two processes trained as one process on two devices (bit for bit on this CPU;
-  # 1e-4 is the promise), with one copy of the metrics, not one per process.
+  # Per epoch, the two processes trained as one process on two devices (to 1e-4), with one copy
+  # of the metrics, not one per process.
   expected, got = _metrics(one), _metrics(two)
   assert [r["epoch"] for r in got] == [1, 2]
   for e, g in zip(expected, got, strict=True):
