@@ -260,6 +260,77 @@ class PerLeafSpecTest(chex.TestCase):
       np.testing.assert_array_equal(out["b"], tree["b"])
 
 
+class TreeLikeSpecTest(chex.TestCase):
+  """Spec and mask trees from real frameworks: prefixes of the updates, callable trees."""
+
+  def test_equinox_module_trees_are_trees_not_callables(self):
+    import equinox as eqx
+
+    model = eqx.nn.MLP(3, 2, 4, 1, key=jax.random.key(0))
+    params = eqx.filter(model, eqx.is_array)
+    spec = jax.tree.map(lambda p: 0 if p.ndim == 2 else None, params)
+    mask = jax.tree.map(lambda p: p.shape[0] == 4, params)
+    self.assertTrue(callable(spec) and callable(mask))  # eqx modules are callable
+    grads = eqx.filter_grad(lambda m, x: jnp.sum(m(x) ** 2))(model, jnp.arange(3.0))
+    for tx, centralized in ((optax_gc.centralize(spec), (0, 1)),
+                            (optax_gc.centralize(0, mask=mask), (0,))):
+      out, _ = tx.update(grads, tx.init(params), params)
+      for i, layer in enumerate(out.layers):
+        g = grads.layers[i].weight
+        expected = _np_gc(g, (0,)) if i in centralized else g
+        np.testing.assert_allclose(layer.weight, expected, atol=1e-6)
+        np.testing.assert_array_equal(layer.bias, grads.layers[i].bias)
+
+  def test_equinox_tree_of_the_wrong_structure_is_not_called(self):
+    import equinox as eqx
+
+    small = eqx.nn.Linear(3, 2, key=jax.random.key(0))
+    other = eqx.nn.Linear(3, 2, use_bias=False, key=jax.random.key(0))
+    spec = jax.tree.map(lambda _: 0, eqx.filter(other, eqx.is_array))
+    with self.assertRaisesRegex(ValueError, "does not match the structure"):
+      optax_gc.centralize(spec).init(eqx.filter(small, eqx.is_array))
+
+  def test_spec_is_a_prefix_of_nnx_variables(self):
+    from flax import nnx
+
+    model = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+    spec = nnx.as_pure(jax.tree.map(lambda p: (1,) if p.ndim == 2 else None,
+                                    nnx.as_pure(nnx.state(model, nnx.Param))))
+    tx = optax.chain(optax_gc.centralize(spec), optax.sgd(1.0))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)  # init sees nnx.Param nodes
+    grads = nnx.grad(lambda m: jnp.sum(m(jnp.arange(6.0).reshape(2, 3)) ** 2))(model)
+    updates = optimizer.update(model, grads)
+    g = nnx.as_pure(nnx.state(grads, nnx.Param))
+    np.testing.assert_allclose(updates["kernel"], -_np_gc(g["kernel"], (1,)), atol=1e-5)
+    np.testing.assert_array_equal(updates["bias"], -g["bias"])
+
+  def test_a_spec_leaf_covers_a_subtree(self):
+    tree = {"enc": {"w": jnp.arange(6.0).reshape(3, 2), "v": jnp.arange(6.0).reshape(2, 3)},
+            "dec": jnp.arange(6.0).reshape(3, 2)}
+    out, _ = _apply(optax_gc.centralize({"enc": 0, "dec": None}), tree)
+    np.testing.assert_allclose(out["enc"]["w"], _np_gc(tree["enc"]["w"], (0,)), atol=1e-6)
+    np.testing.assert_allclose(out["enc"]["v"], _np_gc(tree["enc"]["v"], (0,)), atol=1e-6)
+    np.testing.assert_array_equal(out["dec"], tree["dec"])
+
+  def test_a_list_of_axes_suggests_the_tuple(self):
+    with self.assertRaisesRegex(ValueError, re.escape(
+        "output_axis [1, 2] is a list, which JAX reads as a pytree with one entry per leaf, "
+        "not as a set of axes. Write the tuple (1, 2).")):
+      optax_gc.centralize([1, 2]).init({"q": jnp.ones((4, 2, 3))})
+    # A list that does fit the updates' structure is a per-leaf spec, as any pytree.
+    tree = [jnp.ones((2, 3)), jnp.ones((3, 2))]
+    out, _ = _apply(optax_gc.centralize([0, 1]), tree)
+    np.testing.assert_allclose(out[0], 0.0)
+
+  @parameterized.parameters(1.5, "last")
+  def test_a_scalar_of_the_wrong_type(self, value):
+    with self.assertRaisesRegex(ValueError, re.escape(
+        f"`output_axis` must be an int, a tuple of ints, None, a pytree of those with the "
+        f"structure of the updates, or a callable params -> such a pytree; got {value!r} "
+        f"({type(value).__name__}).")):
+      optax_gc.centralize(value).init({"w": jnp.ones((2, 3))})
+
+
 class PassThroughTest(chex.TestCase):
   """Leaves that must come out bit for bit as they went in."""
 

@@ -91,7 +91,18 @@ class Config:
   progress: bool = True
   """Show tqdm progress bars."""
   distributed: bool = False
-  """Call ``jax.distributed.initialize()`` first (multi-host runs)."""
+  """Call ``jax.distributed.initialize()`` first (several processes). Without the three fields
+  below it detects SLURM, Open MPI, Kubernetes or a TPU slice; any of them implies it."""
+  coordinator_address: str | None = None
+  """``HOST:PORT`` of process 0, where the others connect (a manual launch)."""
+  num_processes: int | None = None
+  """How many processes train together; ``None``: detected (one without ``distributed``). A run
+  records the real count, and resuming it needs the same count."""
+  process_id: int | None = None
+  """This process's index, ``0 .. num_processes - 1`` (a manual launch)."""
+  distributed_timeout: int = 120
+  """Seconds before the processes give up on one that does not connect or stops answering
+  (``jax.distributed``'s initialization, heartbeat and shutdown timeouts)."""
 
   def resolved(self) -> "Config":
     """Returns a copy with optimizer defaults filled in, after checking every choice."""
@@ -106,6 +117,7 @@ class Config:
     _check_choice("augment", self.augment, AUGMENTATIONS)
     if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
       raise ValueError("epochs, batch_size and eval_batch_size must be positive.")
+    _check_launch(self)
     return dataclasses.replace(
         self,
         learning_rate=(
@@ -113,6 +125,8 @@ class Config:
         ),
         weight_decay=5e-4 if self.weight_decay is None else self.weight_decay,
         step_boundaries=tuple(self.step_boundaries),
+        distributed=self.distributed or self.coordinator_address is not None
+        or self.process_id is not None or (self.num_processes or 1) > 1,
     )
 
   def to_dict(self) -> dict[str, Any]:
@@ -131,13 +145,29 @@ class Config:
 # Fields that do not change the trajectory, so a run may resume with different values.
 BOOKKEEPING_FIELDS = frozenset(
     {"data_dir", "checkpoints_to_keep", "log_every_steps", "gc_log_every_epochs", "progress",
-     "distributed", "eval_batch_size"}
+     "distributed", "eval_batch_size", "coordinator_address", "process_id",
+     "distributed_timeout"}
 )
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
   if value not in choices:
     raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}.")
+
+
+def _check_launch(config: Config) -> None:
+  """Clear errors for a malformed manual launch (``jax.distributed`` checks the rest)."""
+  address, n, i = config.coordinator_address, config.num_processes, config.process_id
+  if address is not None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+      raise ValueError(f"coordinator_address must be HOST:PORT, got {address!r}.")
+  if n is not None and n < 1:
+    raise ValueError(f"num_processes must be at least 1, got {n}.")
+  if i is not None and not (i >= 0 and (n is None or i < n)):
+    raise ValueError(f"process_id must be in [0, num_processes), got {i} of {n}.")
+  if config.distributed_timeout < 1:
+    raise ValueError(f"distributed_timeout must be positive, got {config.distributed_timeout}.")
 
 
 def _bool(text: str) -> bool:
@@ -194,6 +224,16 @@ _FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--log-every-steps": ("log_every_steps", dict(type=int)),
     "--gc-log-every-epochs": ("gc_log_every_epochs", dict(type=int)),
     "--progress": ("progress", dict(type=_bool, metavar="BOOL", help="show progress bars")),
+    "--coordinator-address": ("coordinator_address", dict(
+        metavar="HOST:PORT", help="process 0's address, for a manual multi-process launch "
+                                  "(implies --distributed)")),
+    "--num-processes": ("num_processes", dict(type=int, metavar="N",
+                                              help="processes in a manual launch")),
+    "--process-id": ("process_id", dict(type=int, metavar="I",
+                                        help="this process's index, 0..N-1, in a manual launch")),
+    "--distributed-timeout": ("distributed_timeout", dict(
+        type=int, metavar="SECONDS", help="stop when another process does not connect or stops "
+                                          "answering for this long")),
 }
 
 
@@ -217,7 +257,8 @@ def add_flags(parser: argparse.ArgumentParser, *, skip: Sequence[str] = ()) -> N
     kwargs["help"] = kwargs.get("help", "") + ("" if value is None else f" [{value}]")
     group.add_argument(flag, dest=field, default=None, **kwargs)
   parser.add_argument("--distributed", action="store_true",
-                      help="call jax.distributed.initialize() first (multi-host runs)")
+                      help="call jax.distributed.initialize() first (several processes; detects "
+                           "SLURM, Open MPI, Kubernetes, TPU slices)")
 
 
 DATASET_CONFIGS = {"cifar10": "default", "cifar100": "cifar100", "digits": "digits"}

@@ -46,6 +46,21 @@ def test_a_bare_dataset_picks_its_own_config() -> None:
   assert _parse("--dataset", "digits", "--epochs", "2").epochs == 2
 
 
+def test_launch_flags_imply_distributed_and_are_checked() -> None:
+  config = _parse("--coordinator-address", "10.0.0.1:1234", "--num-processes", "4",
+                  "--process-id", "3", "--distributed-timeout", "30")
+  assert config.distributed and config.coordinator_address == "10.0.0.1:1234"
+  assert (config.num_processes, config.process_id, config.distributed_timeout) == (4, 3, 30)
+  assert _parse("--process-id", "0").distributed and not _parse("--num-processes", "1").distributed
+  assert not _parse().distributed and _parse().distributed_timeout == 120
+  for flags, message in [(("--coordinator-address", "10.0.0.1"), "must be HOST:PORT"),
+                         (("--num-processes", "0"), "at least 1"),
+                         (("--num-processes", "2", "--process-id", "2"), r"\[0, num_processes\)"),
+                         (("--distributed-timeout", "0"), "must be positive")]:
+    with pytest.raises(ValueError, match=message):
+      _parse(*flags)
+
+
 def test_bad_values_are_clear_errors() -> None:
   with pytest.raises(ValueError, match="optimizer must be one of"):
     Config(optimizer="lion").resolved()

@@ -241,7 +241,7 @@ def download_archive(url: str, dest: Path, md5: str, *, missing_hint: str = "") 
       or the checksum does not match.
   """
   dest.parent.mkdir(parents=True, exist_ok=True)
-  part = dest.with_name(dest.name + ".part")
+  part = dest.with_name(f"{dest.name}.{os.getpid()}.part")  # Processes may download at once.
   digest = hashlib.md5()
   try:
     with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as out:
@@ -379,16 +379,16 @@ def shard_batch(mesh: Mesh, split: Split, idx: np.ndarray, mask: np.ndarray) -> 
   """Gathers rows ``idx`` of ``split`` and shards them along the mesh's ``data`` axis.
 
   With several processes (``jax.distributed``), each process passes the same global ``idx`` and
-  contributes only its own slice of the batch.
+  reads only the rows its own devices hold, wherever the mesh puts them.
   """
   sharding = NamedSharding(mesh, PartitionSpec("data"))
   if jax.process_count() == 1:  # One transfer call for the three arrays.
     return Batch(*jax.device_put((split.images[idx], split.labels[idx], mask), sharding))
-  per_process = len(idx) // jax.process_count()
-  mine = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
-  rows = idx[mine]
-  arrays = (split.images[rows], split.labels[rows], mask[mine])
-  return Batch(*(jax.make_array_from_process_local_data(sharding, a) for a in arrays))
+  return Batch(*(
+      jax.make_array_from_callback((len(idx), *a.shape[1:]), sharding,
+                                   lambda index, a=a: a[idx[index[0]]])
+      for a in (split.images, split.labels)
+  ), jax.make_array_from_callback(mask.shape, sharding, lambda index: mask[index[0]]))
 
 
 # ----------------------------------------------------------------------------------------------

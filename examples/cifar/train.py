@@ -13,6 +13,10 @@ What lands in the workdir:
 * ``summary.json``: final and best test accuracy and the full config;
 * ``config.json`` and ``checkpoints/`` (orbax, one per epoch, the last few kept).
 
+With several processes (``--distributed``, or ``--coordinator-address``/``--num-processes``/
+``--process-id``), process 0 writes the files and the log, and all processes save and restore the
+checkpoints together; see the README's "Several devices / several hosts".
+
 Rerunning with the same workdir resumes after the last checkpoint and, on CPU, ends with exactly
 the metrics of an uninterrupted run: shuffling depends only on ``(seed, epoch)``, augmentation only
 on ``(seed, step)``, and the step counter is part of the checkpointed optimizer state.
@@ -20,11 +24,14 @@ on ``(seed, step)``, and the step counter is part of the checkpointed optimizer 
 
 import argparse
 import collections
+import dataclasses
 import functools
 import json
 import math
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +41,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
@@ -330,10 +338,12 @@ def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
 
 
 def _replicate(mesh: Mesh, *nodes: nnx.Module | nnx.Optimizer) -> None:
-  """Places every array of ``nodes`` on all devices of ``mesh`` (parameters are replicated)."""
-  replicated = NamedSharding(mesh, PartitionSpec())
+  """Places every array of ``nodes`` on all devices of ``mesh`` (parameters are replicated).
+
+  Every process builds the same ``nodes`` from the same seed, so each places its own copy.
+  """
   for node in nodes:
-    nnx.update(node, jax.device_put(nnx.state(node), replicated))
+    nnx.update(node, _replicated_on(mesh, nnx.state(node))[0])
 
 
 def _sum_metrics(per_step: list[dict[str, jax.Array]]) -> dict[str, float]:
@@ -347,12 +357,18 @@ def _means(totals: dict[str, Any]) -> dict[str, float]:
           "accuracy": float(totals["correct"] / totals["count"])}
 
 
-def _replicated_on(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
-  """Host arrays (the same in every process) as arrays replicated on every device of ``mesh``."""
+def _replicated_on(mesh: Mesh, *trees: Any) -> tuple[Any, ...]:
+  """Pytrees of arrays (the same in every process) replicated on every device of ``mesh``.
+
+  With several processes each places its copy on its own devices only (``device_put`` cannot
+  reach the others' devices).
+  """
   replicated = NamedSharding(mesh, PartitionSpec())
   if jax.process_count() == 1:
-    return tuple(jax.device_put(arrays, replicated))
-  return tuple(jax.make_array_from_process_local_data(replicated, a) for a in arrays)
+    return tuple(jax.device_put(trees, replicated))
+  return jax.tree.map(
+      lambda a: jax.make_array_from_callback(np.shape(a), replicated, lambda index: a[index]),
+      trees)
 
 
 _RESIDENT: list[tuple[Mesh, Split, tuple[jax.Array, jax.Array]]] = []
@@ -451,15 +467,24 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> dict[str, Any]:
   Raises:
     TrainingDivergedError: the loss became NaN/Inf (the last good checkpoint stays).
     DataError: the data is missing or unreadable.
-    ValueError: a bad config, or ``workdir`` holds a run with a different config.
+    ValueError: a bad config, ``workdir`` holds a run with a different config or process count,
+      or (raised in every process) the processes were started with different configs.
   """
   config = config.resolved()
-  if config.distributed and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+  if config.distributed:
+    _initialize_distributed(config)
+  _check_processes_agree(config)  # As started: JAX takes process 0's count and ignores others'.
+  config = dataclasses.replace(config, num_processes=jax.process_count())
   workdir = Path(workdir).absolute()
   chief = jax.process_index() == 0
+  verdict = ""  # Process 0 checks the workdir and every process raises its error.
   if chief:
-    _check_or_write_config(workdir, config)
+    try:
+      _check_or_write_config(workdir, config)
+    except ValueError as e:
+      verdict = str(e)
+  if verdict := _gather_text(verdict)[0]:
+    raise ValueError(verdict)
 
   data = input_pipeline.load_dataset(config.dataset, config.data_dir)
   train_split = data.train
@@ -481,7 +506,7 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> dict[str, Any]:
   _replicate(mesh, model, optimizer)
   schedule = make_learning_rate(config, steps_per_epoch)
   rng = jax.random.fold_in(jax.random.key(config.seed), 1 << 30)  # Apart from init's keys.
-  rng, mean_std = jax.device_put((rng, mean_std), NamedSharding(mesh, PartitionSpec()))
+  rng, mean_std = _replicated_on(mesh, rng, mean_std)
 
   checkpoints = ocp.CheckpointManager(
       workdir / "checkpoints",
@@ -495,16 +520,17 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> dict[str, Any]:
     nnx.update(model, restored["model"])
     nnx.update(optimizer, restored["optimizer"])
   history = _load_history(workdir / "metrics.jsonl", upto=start_epoch, rewrite=chief)
-  if len(history) != start_epoch:
-    tqdm.write(f"note: {workdir / 'metrics.jsonl'} holds {len(history)} of the {start_epoch} "
-               "checkpointed epochs; the summary covers only those.")
-
   log = tqdm.write if chief else (lambda _: None)
+  if len(history) != start_epoch:
+    log(f"note: {workdir / 'metrics.jsonl'} holds {len(history)} of the {start_epoch} "
+        "checkpointed epochs; the summary covers only those.")
+
   num_params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
   log(f"{config.dataset} ({data.source}): {len(train_split)} train / {len(data.test)} test | "
       f"{config.model} ({num_params / 1e6:.2f}M params) | {config.optimizer} gc={config.gc} "
       f"({config.gc_location}, {config.gc_axes} axes) | {mesh.size} device(s), "
-      f"{jax.devices()[0].platform} | "
+      f"{jax.devices()[0].platform}"
+      + (f", {jax.process_count()} processes | " if jax.process_count() > 1 else " | ")
       + (f"resuming after epoch {start_epoch}" if start_epoch else f"workdir {workdir}"))
 
   for epoch in range(start_epoch + 1, config.epochs + 1):
@@ -565,6 +591,55 @@ def _log_gc_shares(model: models.ResNet, mesh: Mesh, split: Split, config: Confi
       f.write(json.dumps({"epoch": epoch, "min_ndim": min_ndim, "shares": shares}) + "\n")
 
 
+def _initialize_distributed(config: Config) -> None:
+  """Joins the other processes (once per interpreter): the given address, count and id, and
+  whatever of them is not given detected from SLURM, Open MPI, Kubernetes or a TPU slice.
+
+  ``config.distributed_timeout`` bounds the wait for every process to connect and, through the
+  heartbeat timeout, how long the others run on after one stops answering.
+  """
+  if jax.distributed.is_initialized():
+    return
+  timeout = config.distributed_timeout
+  try:
+    jax.distributed.initialize(
+        config.coordinator_address, config.num_processes, config.process_id,
+        initialization_timeout=timeout, heartbeat_timeout_seconds=timeout,
+        shutdown_timeout_seconds=timeout)
+  except ValueError as e:  # Not in a cluster JAX knows, and not every flag given.
+    raise ValueError(
+        f"--distributed: {e} No SLURM, Open MPI, Kubernetes or TPU-slice environment was "
+        "found; pass --coordinator-address HOST:PORT --num-processes N --process-id I.") from None
+
+
+def _gather_text(text: str) -> list[str]:
+  """``text`` from every process, in process order; every process must call it (a collective)."""
+  if jax.process_count() == 1:
+    return [text]
+  data = np.frombuffer(text.encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.int32(len(data)))
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:len(data)] = data
+  rows = multihost_utils.process_allgather(padded)
+  return [bytes(row[:n]).decode() for row, n in zip(rows, lengths, strict=True)]
+
+
+def _check_processes_agree(config: Config) -> None:
+  """Raises, in every process, if the processes were started with different configs.
+
+  Only ``process_id`` and ``data_dir`` (hosts may keep the data in different places) may differ:
+  even bookkeeping such as ``gc_log_every_epochs`` decides which collectives a process runs.
+  """
+  mine = {k: v for k, v in config.to_dict().items() if k not in ("process_id", "data_dir")}
+  first, *others = (json.loads(t) for t in _gather_text(json.dumps(mine)))
+  for i, other in enumerate(others, start=1):
+    diffs = [f"{k}: {first.get(k)!r} in process 0, {other.get(k)!r} in process {i}"
+             for k in sorted(first.keys() | other.keys()) if first.get(k) != other.get(k)]
+    if diffs:
+      raise ValueError(f"the processes were started with different configs ({'; '.join(diffs)}); "
+                       "start every process with the same flags.")
+
+
 def _check_or_write_config(workdir: Path, config: Config) -> None:
   """Writes ``config.json``, or checks that a resumed run has the same trajectory config."""
   workdir.mkdir(parents=True, exist_ok=True)
@@ -572,6 +647,12 @@ def _check_or_write_config(workdir: Path, config: Config) -> None:
   new = config.to_dict()
   if path.exists():
     old = json.loads(path.read_text())
+    old.setdefault("num_processes", 1)  # Written before runs recorded it: by one process.
+    if old["num_processes"] != new["num_processes"]:
+      raise ValueError(
+          f"{workdir} holds a run trained by {old['num_processes']} process(es); this launch "
+          f"has {new['num_processes']}. Resume it with {old['num_processes']}, or use a new "
+          "--workdir.")
     diffs = {k: (old.get(k), v) for k, v in new.items()
              if k not in BOOKKEEPING_FIELDS and old.get(k) != v}
     if diffs:
@@ -648,11 +729,38 @@ def main(argv: list[str] | None = None) -> int:
   try:
     config = config_from_flags(args)
     summary = train_and_evaluate(config, args.workdir or default_workdir(config))
-  except (DataError, TrainingDivergedError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
+  except (TrainingDivergedError, ValueError) as e:  # Raised in every process alike.
+    return _fail(str(e))
+  except DataError as e:  # Perhaps in this process only.
+    return _fail(str(e), at_once=True)
+  except jax.errors.JaxRuntimeError as e:
+    if not jax.distributed.is_initialized():
+      raise
+    detail = str(e).strip().splitlines()[0].rsplit("Error dispatching computation: ", 1)[-1]
+    return _fail(f"a computation across processes failed ({detail}); most likely another "
+                 "process stopped: see its output.", at_once=True)
+  except BaseException:
+    if jax.distributed.is_initialized():  # Do not leave the other processes waiting.
+      traceback.print_exc()
+      _fail("stopped on the exception above.", at_once=True)
+    raise
+  if jax.process_index() == 0:
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
   return 0
+
+
+def _fail(message: str, at_once: bool = False) -> int:
+  """Prints ``error: message``; returns 1, or exits now when ``at_once`` with several processes.
+
+  At a normal exit, ``jax.distributed`` waits for every process to exit too, and a process that
+  failed alone would leave the others blocked in their next collective for the heartbeat timeout.
+  Exiting at once closes its connections, so theirs fail (and they stop) straight away.
+  """
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  if at_once and jax.distributed.is_initialized():
+    sys.stdout.flush()
+    os._exit(1)
+  return 1
 
 
 if __name__ == "__main__":

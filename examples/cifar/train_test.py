@@ -53,7 +53,8 @@ def test_help_documents_the_command_line_contract(capsys) -> None:
   text = capsys.readouterr().out
   for flag in ("--dataset", "--data-dir", "--model", "--optimizer", "--gc", "--gc-location",
                "--epochs", "--batch-size", "--lr", "--weight-decay", "--seed", "--train-subset",
-               "--workdir", "--distributed"):
+               "--workdir", "--distributed", "--coordinator-address", "--num-processes",
+               "--process-id", "--distributed-timeout"):
     assert flag in text
 
 

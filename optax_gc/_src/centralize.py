@@ -1,7 +1,7 @@
 """Layout-aware Gradient Centralization as an Optax gradient transformation.
 
-The layout rule (which axis holds the output units for Flax, Haiku, Keras,
-Equinox and PyTorch-style trees) is stated once, in :func:`centralize`.
+Which axes are the fan-in is read from the model by :func:`optax_gc.infer_output_axes`; the
+table of common layouts in :func:`centralize` is a reference for giving them by hand.
 """
 
 from collections.abc import Callable
@@ -306,16 +306,23 @@ def centralize(
   Unlike ``optax.centralize()``, which keeps axis 0 as PyTorch stores
   ``(out, in, kh, kw)``, the default ``output_axis=-1`` keeps the *last* axis,
   which is where Flax, Haiku and Keras store output units (``(in, out)`` and
-  ``(kh, kw, in, out)``):
+  ``(kh, kw, in, out)``). Many layers need other axes; read them from the model
+  with :func:`optax_gc.infer_output_axes`, which returns a spec this function
+  takes as it is. For reference:
 
-  ========================================  ====================
-  Layout                                    ``output_axis``
-  ========================================  ====================
-  Flax/Haiku/Keras Dense, Conv, Flax ConvT  ``-1``
-  Haiku ``ConvTranspose``                   ``-2``
-  Flax ``DenseGeneral`` ``(in, H, D)``      ``(1, 2)``
-  PyTorch-style, Equinox                    ``0``
-  ========================================  ====================
+  ===========================================================  ==================
+  Layout                                                       ``output_axis``
+  ===========================================================  ==================
+  Flax/Haiku/Keras Dense and Conv ``(..., in, out)``           ``-1``
+  Haiku/Keras ConvTranspose, Flax ``transpose_kernel=True``    ``-2``
+  attention q/k/v, ``DenseGeneral`` ``(in, heads, head_dim)``  ``(1, 2)``
+  ``nnx.Einsum('btd,ndh->btnh')`` ``(heads, in, head_dim)``    ``(0, 2)``
+  a scanned or stacked layer ``(L, in, out)``                  ``(0, 2)``
+  Keras ``DepthwiseConv2D`` ``(kh, kw, in, multiplier)``       ``(2, 3)``
+  PyTorch-style and Equinox ``(out, in, ...)``                 ``0``
+  PyTorch ``ConvTranspose2d`` ``(in, out, kh, kw)``            ``1``
+  biases of any rank, norm scales, lookup-only embeddings      ``None``
+  ===========================================================  ==================
 
   These leaves pass through bit for bit: rank below ``min_ndim`` (biases, norm
   scales); integer and boolean dtypes; ``None`` and ``optax.MaskedNode``;
@@ -329,16 +336,18 @@ def centralize(
   Args:
     output_axis: the axis, or tuple of axes, that indexes output units; the
       mean is taken over all the others. Either one value for every leaf, a
-      pytree with the structure of the updates whose leaves are an int, a tuple
-      of ints or ``None`` (leave that leaf alone), or a callable
+      pytree whose leaves are an int, a tuple of ints or ``None`` (leave that
+      leaf alone) and whose structure is a prefix of the updates' (one entry
+      may cover an ``nnx.Variable`` or a sub-tree; a tree that is callable, as
+      an Equinox module is, is still a tree), or a callable
       ``params -> such a pytree`` (called on the updates when ``update`` gets
-      no params). An integer array (as ``optax.inject_hyperparams`` passes it)
-      is accepted too.
+      no params). :func:`optax_gc.infer_output_axes` returns such a pytree. An
+      integer array (as ``optax.inject_hyperparams`` passes it) is accepted too.
     min_ndim: leaves of lower rank pass through. ``2`` is the paper's GC
       (dense and conv kernels); ``3`` is GCC (conv kernels only).
-    mask: a pytree of bools with the structure of the updates, or a callable
-      ``params -> such a pytree``, as in ``optax.masked``; ``False`` leaves pass
-      through.
+    mask: a pytree of bools (a prefix of the updates' structure, as for
+      ``output_axis``), or a callable ``params -> such a pytree``, as in
+      ``optax.masked``; ``False`` leaves pass through.
 
   Returns:
     A :class:`optax.GradientTransformation` object. Its state is

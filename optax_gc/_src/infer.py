@@ -120,6 +120,8 @@ def _with_origins(origins: Mapping[int, _Origin]) -> _Info:
 
 
 def _map_origins(info: _Info, fn: Callable[[_Origin], _Origin]) -> _Info:
+  if info.tainted:  # an activation carries no origins: nothing to map
+    return info
   return _with_origins({p: fn(o) for p, o in info.origins.items()})
 
 
@@ -186,6 +188,8 @@ class _Interpreter:
     fan_in = _union(origin.dims[d] for d in contracting) | origin.mixed
     output = _union(s for d, s in enumerate(origin.dims) if d not in contracting) | origin.indexed
     detail = f"{name}, contracting {_sorted(fan_in)}"
+    if origin.indexed:
+      detail += f", stacked along {_sorted(origin.indexed)}"
     if fan_in & output:
       self.record(param, _Use("inconsistent", None, f"{name}: axes {_sorted(fan_in & output)} "
                               "are both contracted and kept", self.where(eqn)))
@@ -242,11 +246,10 @@ class _Interpreter:
     rule = _RULES.get(name)
     if rule is not None:
       return rule(self, eqn, ins)
-    if name not in _OPAQUE:
-      sub = _sub_jaxpr(eqn)
-      if sub is not None:
-        jaxpr, consts = sub
-        return self.run_inside(eqn, jaxpr, [_CONST] * len(consts), ins)
+    sub = _sub_jaxpr(eqn) if name in _CALLS else None
+    if sub is not None:
+      jaxpr, consts = sub
+      return self.run_inside(eqn, jaxpr, [_CONST] * len(consts), ins)
     detail = f"{name} (no rule for this primitive)"
     if name in _OPAQUE:
       detail = f"{name} (an opaque kernel: what it does with the parameter is not visible)"
@@ -292,10 +295,15 @@ _ELEMENTWISE = (
 # sharding annotations, and collectives that keep the shape.
 _IDENTITY = (
     "device_put reshard sharding_constraint mesh_cast optimization_barrier pvary pbroadcast "
-    "psum pmax pmin pmean psum_invariant core_call_identity"
+    "psum pmax pmin pmean psum_invariant ppermute reduce_scatter psum_scatter"
 ).split()
 _REDUCTIONS = "reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor".split()
 _CUMULATIVE = "cumsum cumprod cummax cummin cumlogsumexp".split()
+# Call-like primitives: their sub-jaxpr takes the equation's inputs and gives its outputs.
+_CALLS = frozenset({
+    "jit", "pjit", "closed_call", "core_call", "remat2", "checkpoint", "custom_jvp_call",
+    "custom_vjp_call", "custom_vjp_call_jaxpr", "shard_map", "composite", "named_call",
+})
 # Kernels whose bodies are not jaxprs over the same values: never guessed through.
 _OPAQUE = frozenset({"pallas_call", "custom_call", "ffi_call", "mosaic_gpu_call", "triton_call"})
 
@@ -328,9 +336,22 @@ def _unfollowable(interp: _Interpreter, eqn: Any, ins: list[_Info], why: str) ->
 
 @_rule(*_IDENTITY)
 def _identity(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
-  if len(ins) < len(eqn.outvars):
-    return _unfollowable(interp, eqn, ins, "fewer inputs than outputs")
+  if len(ins) < len(eqn.outvars) or any(
+      v.aval.ndim != o.aval.ndim for v, o in zip(eqn.invars, eqn.outvars, strict=False)):
+    return _unfollowable(interp, eqn, ins, "its outputs do not match its inputs")
   return list(ins[: len(eqn.outvars)])
+
+
+@_rule("scatter", "scatter-add", "scatter_add", "scatter-mul", "scatter_mul", "scatter-min",
+       "scatter_min", "scatter-max", "scatter_max", "scatter-sub", "scatter_sub")
+def _scatter(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
+  """``W.at[i].set(u)``: the result runs along ``W``'s axes; ``u`` is written into it."""
+  operand, indices, updates = ins[:3]
+  if indices.origins or updates.origins:
+    return _unfollowable(interp, eqn, ins, "a parameter scattered into another value")
+  if indices.tainted or updates.tainted:
+    return [interp.join([operand, _TAINTED], eqn, eqn.primitive.name)]
+  return [operand]
 
 
 @_rule("all_gather")
