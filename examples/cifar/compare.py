@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from examples.cifar.config import (
@@ -54,7 +55,8 @@ def run_arms(config: Config, arms: list[str], seeds: list[int],
     histories[arm] = []
     for seed in seeds:
       run_dir = workdir / arm.replace(":", "_") / f"seed{seed}"
-      print(f"=== arm {arm}, seed {seed} -> {run_dir}", flush=True)
+      if jax.process_index() == 0:
+        print(f"=== arm {arm}, seed {seed} -> {run_dir}", flush=True)
       train_and_evaluate(dataclasses.replace(config, seed=seed, **parse_arm(arm)), run_dir)
       lines = (run_dir / "metrics.jsonl").read_text().splitlines()
       histories[arm].append([json.loads(line) for line in lines])
@@ -139,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
   except (DataError, TrainingDivergedError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  if jax.process_index() != 0:  # Several processes (--distributed): process 0 writes.
+    return 0
   subset = f", {config.train_subset} train images" if config.train_subset else ""
   title = (f"{config.dataset}{subset}, {config.model}, {config.optimizer} lr "
            f"{config.learning_rate:g}, {config.epochs} epochs, batch {config.batch_size}")
