@@ -249,7 +249,8 @@ VIT = Study(
         "blocks of `nnx.MultiHeadAttention` with 4 heads and a GELU MLP of width 256, learned "
         "position embeddings, mean pooling, no dropout"),
     budget_note=(
-        "The budget (about 6 minutes per run on 2 idle CPU cores) forced a short schedule; "
+        "The budget it was sized for (about 6 minutes per run on 2 idle CPU cores; the wall "
+        "times below were measured on a CPU shared with other jobs) forced a short schedule; "
         "these are *short-budget* results, far from converged."),
     optimizer_note=(
         "Optimizer: AdamW (b1 0.9, b2 0.999, eps 1e-8), decoupled weight decay on every "
@@ -269,12 +270,18 @@ VIT = Study(
         "gain) a ViT user who keeps the default."),
     closing=(
         _PAPER,
-        "Caveat on the attention kernels: in a pre-LayerNorm block the q/k/v and MLP-input "
-        "kernels read a LayerNorm output, which has zero mean over the features while the "
-        "LayerNorm's scale and bias are at their initial values, so the gradients of those "
-        "kernels start with (almost) zero fan-in mean and GC on the right axes does little there "
-        "(table above); the default -1 instead averages across heads, which is not zero. The "
-        "study measures the net effect, not why.",
+        "Where the arms differ: in a pre-LayerNorm block the q/k/v and MLP-input kernels (and "
+        "the head, after the final LayerNorm) read a LayerNorm output, which has zero mean over "
+        "the features while the LayerNorm's scale and bias are at their initial values. So at "
+        "the first step those kernels' gradients have zero mean over the fan-in, and any mean "
+        "over more axes is zero too: neither rule changes them (table above). GC acts at once "
+        "on the patch embedding, the attention out-projection and the MLP out-projection, the "
+        "same for both rules. The default -1 differs from the inferred axes at the first step "
+        "only on the rank-2 q/k/v biases and the position table, which it centralizes and "
+        "inference leaves alone (the key bias's gradient is zero up to rounding, since softmax "
+        "ignores a shift shared by all keys, so its share is a ratio of rounding errors). As "
+        "the LayerNorms move off their initial values the kernels' fan-in means grow, and the "
+        "two rules differ there too. The study measures the net effect, not why.",
     ),
     default_seeds=_SEEDS5,
     share_arms=("adamw_gc", "adamw_gc_last"),
