@@ -750,11 +750,11 @@ def headline(out_dir: Path, studies: tuple[Study, ...] | None = None) -> str:
     s = summarize(study, load_runs(out_dir, study))
     planned = {(p["treatment"], p["baseline"]): p for p in s["pairs_planned"]}
     for p in s["pairs"]:
-      cell = _fmt_ci(p["final"], digits=1)
+      cell = _fmt_ci(p["final"], digits=2)
       q = planned.get((p["treatment"], p["baseline"]))
       if q:
         seeds = ",".join(map(str, q["seeds"]))
-        cell += f" (planned seeds {seeds}: {_fmt_ci(q['final'], digits=1)})"
+        cell += f" (planned seeds {seeds}: {_fmt_ci(q['final'], digits=2)})"
       rows.append(f"| {study.short} | {study.labels[p['treatment']]} vs "
                   f"{study.labels[p['baseline']]} | {cell} | {len(p['seeds'])} | "
                   f"{_reading(p['final'])} |")
