@@ -549,7 +549,11 @@ def plot_curves(study: Study, runs: dict[str, dict[int, dict[str, Any]]], path: 
     for ax in axes[:, col]:
       if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
-  fig.suptitle(f"{study.title}: mean over seeds, band = min-max", fontsize=11)
+  import textwrap
+
+  fig.suptitle(textwrap.fill(f"{study.title}: mean over seeds, band = min-max",
+                             width=int(20 * len(groups) + 40), break_on_hyphens=False),
+               fontsize=11)
   fig.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path, dpi=110)
