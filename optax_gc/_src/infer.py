@@ -807,9 +807,9 @@ def infer_output_axes(
 
   The parameter is followed through shape ops (transpose, reshape where the axes map,
   broadcast, slice, pad, ...), elementwise ops and scaling by other values (LoRA, weight norm),
-  sharding annotations (``sharding_constraint``, ``reshard``, ``mesh_cast``) and sub-jaxprs
-  (``jit``, ``custom_jvp``/``custom_vjp``, ``remat``, ``cond``, ``while``, ``scan``,
-  ``shard_map``). A parameter gets ``None`` (GC leaves it alone) when no use contracts it:
+  sharding annotations (``sharding_constraint``, ``reshard``, and ``mesh_cast`` where JAX has
+  it) and sub-jaxprs (``jit``, ``custom_jvp``/``custom_vjp``, ``remat``, ``cond``, ``while``,
+  ``scan``, ``shard_map``). A parameter gets ``None`` (GC leaves it alone) when no use contracts it:
   biases of any rank and norm scales (elementwise with the activations), unused parameters,
   and embedding tables used only by a lookup. GC's derivation assumes dense inputs, and
   centralizing a table would turn a sparse update into a dense one; ``centralize_lookups=True``
