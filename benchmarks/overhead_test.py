@@ -5,7 +5,7 @@ import json
 from benchmarks import overhead
 
 
-def test_overhead_quick_tiny(tmp_path, fast_compile):
+def test_overhead_quick_tiny(tmp_path, fast_compiles):
   out = tmp_path / "overhead.json"
   payload = overhead.main([
       "--quick", "--trees", "tiny", "--optimizers", "adam", "--train-models", "tiny",

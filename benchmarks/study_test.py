@@ -17,7 +17,7 @@ from examples.cifar import models
 RESNET20 = study.STUDIES["resnet20"]
 
 
-def test_study_runs_resumes_and_reports(tmp_path, fast_compile):
+def test_study_runs_resumes_and_reports(tmp_path, fast_compiles):
   args = ["--dataset", "digits", "--model", "tiny", "--epochs", "1", "--train-subset", "200",
           "--arms", "sgd,sgd_gc", "--seeds", "0", "--out-dir", str(tmp_path),
           "--workdir", str(tmp_path / "wd")]

@@ -5,7 +5,7 @@ import json
 from benchmarks import throughput
 
 
-def test_throughput_tiny_synthetic(tmp_path, fast_compile):
+def test_throughput_tiny_synthetic(tmp_path, fast_compiles):
   out = tmp_path / "throughput.json"
   payload = throughput.main([
       "--quick", "--models", "tiny", "--batch", "16", "--steps", "2", "--rounds", "2",

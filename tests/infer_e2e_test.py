@@ -20,13 +20,7 @@ import optax_gc
 _LR = 0.1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  """Tiny models compile faster with XLA's optimizations off."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # conftest.py, at the root
 
 
 def _x(*shape: int) -> jax.Array:

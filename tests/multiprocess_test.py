@@ -16,19 +16,7 @@ from pathlib import Path
 
 import pytest
 
-
-def _hostname_resolves() -> bool:
-  """Gloo (JAX's CPU collectives) listens on the address of this machine's hostname."""
-  try:
-    socket.gethostbyname(socket.gethostname())
-  except OSError:
-    return False
-  return True
-
-
-pytestmark = pytest.mark.skipif(
-    not _hostname_resolves(), reason="this machine's hostname does not resolve, so gloo "
-    "(JAX's CPU collectives) cannot listen: the processes could not connect")
+pytestmark = pytest.mark.usefixtures("gloo_can_listen")  # conftest.py, at the root
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -35,13 +35,7 @@ import optax_gc
 Spec = tuple[int, ...] | None
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  """Initializers and tiny Jacobians compile faster with XLA's optimizations off."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # conftest.py, at the root
 
 
 def _is_spec(x: Any) -> bool:

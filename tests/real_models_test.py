@@ -28,13 +28,7 @@ import optax_gc
 _MASK_VALUE = -2.3819763e38
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  """Tiny models compile faster with XLA's optimizations off."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")  # conftest.py, at the root
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,9 +1,7 @@
 """Shared test setup for the CIFAR example: faster compiles and the location of shared data."""
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import jax
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -12,12 +10,8 @@ SHARED_CIFAR10 = REPO_ROOT.parent / "shared" / "data" / "cifar10"
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _fast_compiles() -> Iterator[None]:
-  """Tiny models compile faster with XLA's optimizations off; restored after each test module."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+def _fast_compiles(fast_compiles: None) -> None:
+  """Every test module of the example compiles with XLA's optimizations off (conftest.py, root)."""
 
 
 @pytest.fixture

@@ -49,18 +49,7 @@ _PAUSING = (
 TIMEOUT = 300
 
 
-def _hostname_resolves() -> bool:
-  """Gloo (JAX's CPU collectives) listens on the address of this machine's hostname."""
-  try:
-    socket.gethostbyname(socket.gethostname())
-  except OSError:
-    return False
-  return True
-
-
-pytestmark = pytest.mark.skipif(
-    not _hostname_resolves(), reason="this machine's hostname does not resolve, so gloo "
-    "(JAX's CPU collectives) cannot listen: the processes could not connect")
+pytestmark = pytest.mark.usefixtures("gloo_can_listen")  # conftest.py, at the root
 """Seconds a launch may take on a loaded 2-core machine (about 15 s when the machine is idle)."""
 TIMING_KEYS = {"seconds", "images_per_sec"}
 
