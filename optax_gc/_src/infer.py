@@ -640,8 +640,7 @@ def _is_array(x: Any) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
 
 
-def _decide(leaf_path: Any, shape: tuple[int, ...], uses: Sequence[_Use]) -> tuple[AxisSpec, str,
-                                                                                      str | None]:
+def _decide(shape: tuple[int, ...], uses: Sequence[_Use]) -> tuple[AxisSpec, str, str | None]:
   """The spec from a parameter's uses: ``(output, reason, error)``."""
   bad = [u for u in uses if u.kind in ("unfollowable", "inconsistent")]
   implied = {u.output for u in uses}
@@ -730,7 +729,7 @@ def _analyze(
           a % max(len(shape), 1) for a in (value if isinstance(value, tuple) else (value,)))
       out.append(_Leaf(simple, keypath, shape, value, f"override {match[0].pattern!r}", uses))
       continue
-    output, reason, error = _decide(path, shape, uses)
+    output, reason, error = _decide(shape, uses)
     out.append(_Leaf(simple, keypath, shape, output, reason, uses, error))
   return p_def, out
 
