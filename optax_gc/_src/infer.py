@@ -259,8 +259,11 @@ class _Interpreter:
     return [_TAINTED if any(i.tainted for i in ins) else _CONST] * len(eqn.outvars)
 
   def solve_loop(self, body: Callable[[list[_Info]], list[_Info]], carry: list[_Info],
-                 eqn: Any) -> list[_Info]:
-    """Runs ``body(carry) -> (new carry, *rest)`` to a fixed point, then once more, recording."""
+                 eqn: Any) -> tuple[list[_Info], list[_Info]]:
+    """Runs ``body(carry) -> (new carry, *rest)`` to a fixed point, then once more, recording.
+
+    Returns the fixed-point carry and the outputs of that last, recording run.
+    """
     self._quiet += 1
     try:
       for _ in range(32):
@@ -274,7 +277,7 @@ class _Interpreter:
     out = body(carry)
     for c, o in zip(carry, out, strict=False):
       self.join([c, o], eqn, "loop carry")  # records a parameter that enters a tainted carry
-    return carry
+    return carry, out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -380,7 +383,7 @@ def _broadcast_in_dim(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[
       dims[dst] = o.dims[src]
     return dataclasses.replace(o, dims=tuple(dims))
 
-  return [_map_origins(ins[0], fn)] + [_CONST] * (len(eqn.outvars) - 1)
+  return [_map_origins(ins[0], fn)]
 
 
 @_rule("squeeze")
@@ -586,8 +589,8 @@ def _scan(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
   def step(c: list[_Info]) -> list[_Info]:
     return interp.run_inside(eqn, body.jaxpr, consts_in, [*consts, *c, *xs])
 
-  carry = interp.solve_loop(step, list(carry), eqn)
-  ys = step(carry)[ncarry:]
+  carry, out = interp.solve_loop(step, list(carry), eqn)
+  ys = out[ncarry:]
   ys = [_map_origins(y, lambda o: dataclasses.replace(o, dims=(_NONE, *o.dims))) for y in ys]
   return [*carry, *ys]
 
@@ -603,7 +606,7 @@ def _while(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
     interp.run_inside(eqn, cond.jaxpr, [_CONST] * len(cond.consts), [*cconsts, *c])
     return interp.run_inside(eqn, body.jaxpr, [_CONST] * len(body.consts), [*bconsts, *c])
 
-  return interp.solve_loop(step, list(carry), eqn)
+  return interp.solve_loop(step, list(carry), eqn)[0]
 
 
 @_rule("cond")
@@ -700,9 +703,8 @@ def _analyze(
   p_arrays = [x for x, ok in zip(p_leaves, is_param, strict=True) if ok]
   closed = jax.make_jaxpr(traced)(p_arrays, s_leaves, [a_leaves[i] for i in a_dyn])
   jaxpr = closed.jaxpr
-  infos = [_Info(False, {k: _Origin(tuple(frozenset({a}) for a in range(np.ndim(x))))})
+  infos = [_with_origins({k: _Origin(tuple(frozenset({a}) for a in range(np.ndim(x))))})
            for k, x in enumerate(p_arrays)]
-  infos = [_with_origins(i.origins) for i in infos]
   infos += [_CONST] * len(s_leaves)
   for i in a_dyn:  # PRNG keys are not data: a mask drawn from one is a constant here
     key = jax.dtypes.issubdtype(getattr(a_leaves[i], "dtype", None), jax.dtypes.prng_key)
@@ -749,7 +751,7 @@ def _raise_errors(leaves: Sequence[_Leaf]) -> None:
   raise ValueError("\n".join(lines))
 
 
-def format_table(leaves: Sequence[_Leaf]) -> str:
+def _format_table(leaves: Sequence[_Leaf]) -> str:
   """A plain-text table: path, shape, output axes, fan-in axes, reason."""
   rows = [("path", "shape", "output axes", "fan-in axes", "reason")]
   for leaf in leaves:
@@ -775,7 +777,7 @@ def infer_from(
   treedef, leaves = _analyze(fn, params, args, kwargs, state=state, overrides=overrides,
                              centralize_lookups=centralize_lookups)
   if report is not None:
-    report(format_table(leaves))
+    report(_format_table(leaves))
   _raise_errors(leaves)
   return jax.tree_util.tree_unflatten(treedef, [leaf.output for leaf in leaves])
 
