@@ -7,16 +7,18 @@
 from optax_gc._src.alias import gc_adam, gc_adamw, gc_sgd
 from optax_gc._src.centralize import centralize, gc_removed_fraction
 from optax_gc._src.flax_nnx import nnx_output_axes
-from optax_gc._src.infer import infer_output_axes
+from optax_gc._src.infer import Layout, infer_layout, infer_output_axes
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Layout",
     "centralize",
     "gc_adam",
     "gc_adamw",
     "gc_removed_fraction",
     "gc_sgd",
+    "infer_layout",
     "infer_output_axes",
     "nnx_output_axes",
 ]

@@ -20,15 +20,34 @@ import collections
 import dataclasses
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 from jax.extend import core as jex_core
 
-__all__ = ["infer_output_axes"]
+__all__ = ["Layout", "infer_layout", "infer_output_axes"]
 
 AxisSpec = tuple[int, ...] | None
+
+
+class Layout(NamedTuple):
+  """How one parameter's axes split between fan-in, output units and stacked matrices.
+
+  Attributes:
+    fan_in: the contracting axes, sorted: GC's mean, Muon's reduction, AGC's norm run over them.
+    output: the axes that index output units of one matrix, sorted.
+    stack: the axes along which separate matrices are stacked, sorted: scanned, vmapped or
+      indexed layer axes, and a parameter axis that is a batch dimension of its contraction
+      (mixture-of-experts kernels, grouped matmuls).
+    head: ``True`` when the contraction's result reaches the model's output with no further
+      contraction by a parameter: a classifier or logits head.
+  """
+
+  fan_in: tuple[int, ...]
+  output: tuple[int, ...]
+  stack: tuple[int, ...] = ()
+  head: bool = False
 Axes = frozenset[int]
 _NONE: Axes = frozenset()
 
@@ -868,3 +887,26 @@ def infer_output_axes(
   """
   return infer_from(fn, params, args, kwargs, overrides=overrides,
                     centralize_lookups=centralize_lookups, report=report)
+
+
+def infer_layout(
+    fn: Callable[..., Any],
+    params: Any,
+    *args: Any,
+    overrides: Mapping[str, int | tuple[int, ...] | None] | None = None,
+    centralize_lookups: bool = False,
+    report: Callable[[str], Any] | None = None,
+    **kwargs: Any,
+) -> Any:
+  """Each parameter's :class:`Layout` (fan-in, output and stacked axes), read from the model.
+
+  PROVISIONAL: derived from :func:`infer_output_axes`, with every output axis in ``output``,
+  ``stack=()`` and ``head=False``; the real inference replaces it.
+  """
+  spec = infer_output_axes(fn, params, *args, overrides=overrides,
+                           centralize_lookups=centralize_lookups, report=report, **kwargs)
+  shapes = jax.tree_util.tree_map(np.shape, params)
+  return jax.tree_util.tree_map(
+      lambda out, shape: None if out is None else Layout(
+          tuple(a for a in range(len(shape)) if a not in out), tuple(out)),
+      spec, shapes, is_leaf=lambda x: x is None)
