@@ -905,8 +905,7 @@ def infer_layout(
   """
   spec = infer_output_axes(fn, params, *args, overrides=overrides,
                            centralize_lookups=centralize_lookups, report=report, **kwargs)
-  shapes = jax.tree_util.tree_map(np.shape, params)
   return jax.tree_util.tree_map(
-      lambda out, shape: None if out is None else Layout(
-          tuple(a for a in range(len(shape)) if a not in out), tuple(out)),
-      spec, shapes, is_leaf=lambda x: x is None)
+      lambda out, x: None if out is None else Layout(
+          tuple(a for a in range(np.ndim(x)) if a not in out), tuple(out)),
+      spec, params, is_leaf=lambda x: x is None or isinstance(x, tuple))
