@@ -356,10 +356,10 @@ class ReportTest(absltest.TestCase):
                  report=lines.append)
     (table,) = lines
     rows = table.splitlines()
-    self.assertEqual(rows[0].split(), ["path", "shape", "output", "axes", "fan-in", "axes",
-                                       "reason"])
-    self.assertRegex(rows[1], r"^b\s+\(4,\)\s+None\s+-\s+elementwise only")
-    self.assertRegex(rows[2], r"^w\s+\(6, 4\)\s+\(1,\)\s+\(0,\)\s+dot_general, contracting \(0,\)")
+    self.assertEqual(rows[0].split(), ["path", "shape", "fan-in", "output", "stacked", "reason"])
+    self.assertRegex(rows[1], r"^b\s+\(4,\)\s+-\s+None\s+-\s+elementwise only")
+    self.assertRegex(rows[2],
+                     r"^w\s+\(6, 4\)\s+\(0,\)\s+\(1,\)\s+-\s+dot_general, contracting \(0,\)")
     self.assertEqual(spec, {"w": (1,), "b": None})
 
   def test_report_comes_before_the_error(self):

@@ -18,7 +18,11 @@ output axis, and sub-jaxprs (``jit``, ``custom_jvp``/``custom_vjp``, ``remat``, 
 
 import collections
 import dataclasses
+import functools
+import os
 import re
+import site
+import sysconfig
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -87,14 +91,31 @@ class _Info:
   """A value: ``tainted`` if it depends on the data; ``origins`` maps parameter index to origin.
 
   A tainted value carries no origins: a parameter that reaches the activations has been *used*.
+  ``heads`` are the parameters whose contraction made this activation, with no contraction by
+  a parameter since: the model's output carries its head.
   """
 
   tainted: bool = False
   origins: Mapping[int, _Origin] = dataclasses.field(default_factory=dict)
+  heads: Axes = _NONE
 
 
 _CONST = _Info()
 _TAINTED = _Info(tainted=True)
+
+
+def _activation(ins: Iterable[_Info], heads: Iterable[int] = ()) -> _Info:
+  """A result that carries no parameter: an activation if an input is one (or ``heads`` made it).
+
+  It keeps the heads of the activations it was computed from, or takes ``heads`` if given.
+  """
+  ins = list(ins)
+  heads = frozenset(heads)
+  if not heads:
+    heads = _union(i.heads for i in ins if i.tainted)
+  if heads or any(i.tainted for i in ins):
+    return _Info(True, heads=heads)
+  return _CONST
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,13 +124,15 @@ class _Use:
 
   ``kind`` is ``contraction``, ``lookup``, ``activation`` (elementwise into the activations),
   ``inconsistent`` (one contraction uses an axis as both fan-in and output) or ``unfollowable``.
-  ``output`` is the output axes this use implies (``None``: leave the parameter alone).
+  ``output`` is the output axes this use implies (``None``: leave the parameter alone), and
+  ``stack`` those of them along which separate matrices are stacked.
   """
 
   kind: str
   output: AxisSpec
   detail: str
   where: str
+  stack: tuple[int, ...] = ()
 
   def describe(self) -> str:
     implied = {
@@ -148,14 +171,44 @@ def _map_origins(info: _Info, fn: Callable[[_Origin], _Origin]) -> _Info:
 # The interpreter.
 
 
+@functools.cache
+def _library_dirs() -> tuple[str, ...]:
+  """Where installed packages live (Flax, Keras, ...) and this package: not the user's code."""
+  dirs = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+  dirs |= set(getattr(site, "getsitepackages", list)())
+  dirs.add(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # optax_gc/
+  return tuple(os.path.join(d, "") for d in sorted(dirs) if d)
+
+
 def _where(eqn: Any) -> str:
-  """The user's source line that emitted ``eqn`` (``""`` if unknown), for error messages."""
+  """The user's source line that emitted ``eqn`` (``""`` if unknown), for error messages.
+
+  JAX's own frames are skipped, and so are those of installed libraries (Flax, Keras, ...): the
+  location is the innermost frame of the user's code, followed by the innermost library frame
+  when the equation was emitted inside one.
+  """
   try:
     from jax._src import source_info_util
 
-    return source_info_util.summarize(eqn.source_info)
+    frames = list(source_info_util.user_frames(eqn.source_info.traceback))
   except Exception:  # pragma: no cover - private API moved: the location is only a courtesy.
     return ""
+  if not frames:
+    return ""
+
+  def show(frame: Any) -> str:
+    return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
+
+  libraries = _library_dirs()
+  user = next((f for f in frames if not f.file_name.startswith(libraries)), None)
+  if user is None:
+    return show(frames[0])
+  if user is frames[0]:
+    return show(user)
+  inner = frames[0]
+  short = next((inner.file_name[len(d):] for d in libraries if inner.file_name.startswith(d)),
+               inner.file_name)
+  return f"{show(user)}, in {short}:{inner.start_line}"
 
 
 def _sub_jaxpr(eqn: Any) -> tuple[Any, list[Any]] | None:
@@ -176,8 +229,9 @@ def _sub_jaxpr(eqn: Any) -> tuple[Any, list[Any]] | None:
 class _Interpreter:
   """Walks a jaxpr once, recording each parameter's uses."""
 
-  def __init__(self, centralize_lookups: bool):
+  def __init__(self, centralize_lookups: bool, shapes: Sequence[tuple[int, ...]]):
     self.centralize_lookups = centralize_lookups
+    self.shapes = shapes  # of the parameters, by index
     self.uses: dict[int, dict[_Use, None]] = collections.defaultdict(dict)
     self._quiet = 0  # > 0 while a loop's carry is still being solved: record nothing yet.
     self._outer: list[str] = []  # where the enclosing call-like equations are, innermost last
@@ -188,6 +242,10 @@ class _Interpreter:
     if here:
       return here
     return next((w for w in reversed(self._outer) if w), "")
+
+  def runs_along_parameter(self, info: _Info, axis: int) -> bool:
+    """Whether some parameter axis with more than one entry runs along ``axis`` of the value."""
+    return any(self.shapes[p][a] > 1 for p, o in info.origins.items() for a in o.dims[axis])
 
   # -- recording ---------------------------------------------------------------------------------
 
@@ -202,24 +260,32 @@ class _Interpreter:
         self.record(p, _Use(kind, None, detail, self.where(eqn)))
 
   def contraction(self, origin: _Origin, param: int, contracting: Sequence[int], eqn: Any,
-                  name: str, kind: str = "contraction") -> None:
-    """Records a use whose value axes ``contracting`` are the fan-in; the rest index outputs."""
-    fan_in = _union(origin.dims[d] for d in contracting) | origin.mixed
-    output = _union(s for d, s in enumerate(origin.dims) if d not in contracting) | origin.indexed
-    detail = f"{name}, contracting {_sorted(fan_in)}"
-    if origin.indexed:
-      detail += f", stacked along {_sorted(origin.indexed)}"
-    if fan_in & output:
-      self.record(param, _Use("inconsistent", None, f"{name}: axes {_sorted(fan_in & output)} "
+                  name: str, kind: str = "contraction", batch: Sequence[int] = ()) -> None:
+    """Records a use whose value axes ``contracting`` are the fan-in; the rest index outputs.
+
+    Parameter axes summed into every element of the value (``origin.mixed``: a norm over them)
+    reach every output unit, so they are fan-in too. ``batch`` are the value axes that are batch
+    dimensions of the contraction: separate matrices, stacked (as is an ``origin.indexed`` axis).
+    """
+    contracted = _union(origin.dims[d] for d in contracting)
+    kept = _union(s for d, s in enumerate(origin.dims) if d not in contracting) | origin.indexed
+    if contracted & kept:
+      self.record(param, _Use("inconsistent", None, f"{name}: axes {_sorted(contracted & kept)} "
                               "are both contracted and kept", self.where(eqn)))
-    else:
-      self.record(param, _Use(kind, _sorted(output), detail, self.where(eqn)))
+      return
+    fan_in = contracted | origin.mixed
+    output = kept - origin.mixed
+    stack = (_union(origin.dims[d] for d in batch) | origin.indexed) - origin.mixed
+    detail = f"{name}, contracting {_sorted(fan_in)}"
+    if stack:
+      detail += f", stacked along {_sorted(stack)}"
+    self.record(param, _Use(kind, _sorted(output), detail, self.where(eqn), _sorted(stack)))
 
   def join(self, infos: Sequence[_Info], eqn: Any, what: str) -> _Info:
     """Elementwise combination: the union of origins, or an activation if any input is one."""
     if any(i.tainted for i in infos):
       self.sink(infos, "activation", f"{what} with activations", eqn)
-      return _TAINTED
+      return _activation(infos)
     merged: dict[int, _Origin] = {}
     for info in infos:
       for p, o in info.origins.items():
@@ -242,7 +308,7 @@ class _Interpreter:
       ins = [read(v) for v in eqn.invars]
       if not any(i.origins for i in ins):
         # No parameter flows through: only whether the result depends on the data matters.
-        outs = [_TAINTED if any(i.tainted for i in ins) else _CONST] * len(eqn.outvars)
+        outs = [_activation(ins)] * len(eqn.outvars)
       else:
         outs = self.apply(eqn, ins)
       for v, info in zip(eqn.outvars, outs, strict=True):
@@ -275,7 +341,7 @@ class _Interpreter:
     for info in ins:
       for p in info.origins:
         self.record(p, _Use("unfollowable", None, detail, self.where(eqn)))
-    return [_TAINTED if any(i.tainted for i in ins) else _CONST] * len(eqn.outvars)
+    return [_activation(ins)] * len(eqn.outvars)
 
   def solve_loop(self, body: Callable[[list[_Info]], list[_Info]], carry: list[_Info],
                  eqn: Any) -> tuple[list[_Info], list[_Info]]:
@@ -309,7 +375,7 @@ _ELEMENTWISE = (
     "clamp clz complex conj convert_element_type copy copy_p cos cosh digamma div eq erf erf_inv "
     "erfc exp exp2 expm1 floor ge gt igamma igammac imag integer_pow is_finite le lgamma log "
     "log1p logistic lt max min mul ne neg nextafter not or polygamma population_count pow "
-    "real reduce_precision regularized_incomplete_beta rem round rsqrt select_n shift_left "
+    "real reduce_precision regularized_incomplete_beta rem round rsqrt shift_left "
     "shift_right_arithmetic shift_right_logical sign sin sinh sqrt square stop_gradient sub tan "
     "tanh xor zeta bitcast_convert_type"
 ).split()
@@ -353,7 +419,7 @@ def _unfollowable(interp: _Interpreter, eqn: Any, ins: list[_Info], why: str) ->
     for p in info.origins:
       interp.record(p, _Use("unfollowable", None, f"{eqn.primitive.name} ({why})",
                             interp.where(eqn)))
-  return [_TAINTED if any(i.tainted for i in ins) else _CONST] * len(eqn.outvars)
+  return [_activation(ins)] * len(eqn.outvars)
 
 
 @_rule(*_IDENTITY)
@@ -372,7 +438,7 @@ def _scatter(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
   if indices.origins or updates.origins:
     return _unfollowable(interp, eqn, ins, "a parameter scattered into another value")
   if indices.tainted or updates.tainted:
-    return [interp.join([operand, _TAINTED], eqn, eqn.primitive.name)]
+    return [interp.join([operand, indices, updates], eqn, eqn.primitive.name)]
   return [operand]
 
 
@@ -438,20 +504,46 @@ def _reshape_groups(old: Sequence[int], new: Sequence[int]) -> list[tuple[list[i
 
 @_rule("reshape")
 def _reshape(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
-  if eqn.params.get("dimensions") is not None:
-    return _unfollowable(interp, eqn, ins, "reshape with a dimension order")
-  old, new = eqn.invars[0].aval.shape, eqn.outvars[0].aval.shape
+  # ``dimensions`` (as vmap of a convolution emits) transposes the operand before reshaping it.
+  order = eqn.params.get("dimensions")
+  old = eqn.invars[0].aval.shape
+  order = tuple(range(len(old))) if order is None else tuple(order)
+  old = tuple(old[d] for d in order)
+  new = eqn.outvars[0].aval.shape
 
   def fn(o: _Origin) -> _Origin:
+    moved = tuple(o.dims[d] for d in order)
     dims = [_NONE] * len(new)
     for gi, gj in _reshape_groups(old, new):
-      merged = _union(o.dims[d] for d in gi if old[d] != 1)
+      merged = _union(moved[d] for d in gi if old[d] != 1)
       for d in gj:
         if new[d] != 1:
           dims[d] = merged
     return dataclasses.replace(o, dims=tuple(dims))
 
   return [_map_origins(ins[0], fn)]
+
+
+@_rule("tile")
+def _tile(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
+  # Each result axis repeats the operand's axis: it runs along the same parameter axes.
+  return [ins[0]]
+
+
+@_rule("select_n")
+def _select_n(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
+  """``select_n(which, *cases)``: each element is one case's element at the same position.
+
+  A choice that depends on the data (``jnp.where`` on activations, or ``cond`` under ``vmap``,
+  which selects between both branches' operands and results) makes no parameter meet the
+  activations: a result made of parameter values runs along their axes.
+  """
+  which, cases = ins[0], ins[1:]
+  if which.tainted and not any(c.tainted for c in cases):
+    if any(c.origins for c in cases):
+      return [interp.join(cases, eqn, "select_n")]
+    return [_activation(ins)]
+  return _elementwise(interp, eqn, ins)
 
 
 def _select(o: _Origin, sizes: Sequence[int], shape: Sequence[int]) -> _Origin:
@@ -496,8 +588,7 @@ def _dynamic_slice(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_In
   sizes, shape = eqn.params["slice_sizes"], eqn.invars[0].aval.shape
   if any(i.tainted for i in indices):  # a lookup at data-dependent indices
     fan_in = [d for d, (n, full) in enumerate(zip(sizes, shape, strict=True)) if n < full]
-    _lookup(interp, eqn, operand, fan_in)
-    return [_TAINTED]
+    return [_lookup(interp, eqn, operand, fan_in)]
   return [_map_origins(operand, lambda o: _select(o, sizes, shape))]
 
 
@@ -511,8 +602,7 @@ def _gather(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
   sizes = eqn.params["slice_sizes"]
   picked = set(dn.start_index_map) | set(dn.operand_batching_dims)
   if indices.tainted:  # an embedding lookup
-    _lookup(interp, eqn, operand, sorted(d for d in picked if sizes[d] < shape[d]))
-    return [_TAINTED]
+    return [_lookup(interp, eqn, operand, sorted(d for d in picked if sizes[d] < shape[d]))]
   # A selection at fixed indices: the kept dims map to the offset dims, the rest are gone.
   kept = [d for d in range(len(shape))
           if d not in dn.collapsed_slice_dims and d not in dn.operand_batching_dims]
@@ -528,7 +618,7 @@ def _gather(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
   return [_map_origins(operand, fn)]
 
 
-def _lookup(interp: _Interpreter, eqn: Any, operand: _Info, fan_in: Sequence[int]) -> None:
+def _lookup(interp: _Interpreter, eqn: Any, operand: _Info, fan_in: Sequence[int]) -> _Info:
   """An embedding-style lookup: the looked-up axes act as a one-hot fan-in."""
   for p, o in operand.origins.items():
     if interp.centralize_lookups:
@@ -536,23 +626,53 @@ def _lookup(interp: _Interpreter, eqn: Any, operand: _Info, fan_in: Sequence[int
     else:
       interp.record(p, _Use("lookup", None, f"{eqn.primitive.name} (lookup at data indices)",
                             interp.where(eqn)))
+  return _activation([], heads=operand.origins)
 
 
 def _contract(interp: _Interpreter, eqn: Any, ins: list[_Info], contracting: Sequence[
-    Sequence[int]], out_dims: Callable[[int, _Origin], tuple[Axes, ...]]) -> list[_Info]:
-  """A bilinear op: a parameter side meeting activations is a use; between parameters, a value."""
+    Sequence[int]], batch: Sequence[Sequence[int]], free: Sequence[Sequence[int]],
+              out_dims: Callable[[int, _Origin], tuple[Axes, ...]]) -> list[_Info]:
+  """A bilinear op: a parameter side meeting activations is a use; between parameters, a value.
+
+  Between two parameter values, one side is the other's *input* when it runs along an axis of
+  its own, with more than one entry, that no parameter axis runs along and that stays free: a
+  batch it was broadcast or tiled to, as a learned query, latent array or class token is. The
+  other side's contracting axes are then its fan-in, as with any input, the result counts as
+  activations, and the input side is left alone. LoRA's ``A @ B`` and a weight scaled by a norm
+  have no such axis: their product is a parameter value, used where it meets the activations.
+  """
   name = eqn.primitive.name
+  sides = list(zip(ins, contracting, batch, strict=True))
+  if not any(i.tainted for i in ins):
+    inputs = [k for k, (info, f) in enumerate(zip(ins, free, strict=True)) if info.origins and any(
+        eqn.invars[k].aval.shape[d] > 1 and not interp.runs_along_parameter(info, d)
+        for d in f)]
+    if len(inputs) == 1 and all(i.origins for i in ins):
+      learned = ins[inputs[0]]
+      for p in learned.origins:
+        interp.record(p, _Use("activation", None, f"{name} input (a learned input, broadcast to "
+                              "a batch)", interp.where(eqn)))
+      weights = [side for k, side in enumerate(sides) if k != inputs[0]]
+      return [_contraction_uses(interp, eqn, weights)]
   if any(i.tainted for i in ins):
-    for info, cs in zip(ins, contracting, strict=False):
-      for p, o in info.origins.items():
-        interp.contraction(o, p, cs, eqn, name)
-    return [_TAINTED]
+    return [_contraction_uses(interp, eqn, sides)]
   merged: dict[int, _Origin] = {}
-  for side, (info, cs) in enumerate(zip(ins, contracting, strict=False)):
+  for side, (info, cs, _) in enumerate(sides):
     for p, o in info.origins.items():
       new = _Origin(out_dims(side, o), o.mixed | _union(o.dims[d] for d in cs), o.indexed)
       merged[p] = merged[p].join(new) if p in merged else new
   return [_with_origins(merged)]
+
+
+def _contraction_uses(interp: _Interpreter, eqn: Any, sides: Sequence[tuple[_Info, Sequence[
+    int], Sequence[int]]]) -> _Info:
+  """Records every parameter of ``sides`` (value, contracting, batch) as meeting its input."""
+  heads: set[int] = set()
+  for info, cs, bs in sides:
+    for p, o in info.origins.items():
+      interp.contraction(o, p, cs, eqn, eqn.primitive.name, batch=bs)
+      heads.add(p)
+  return _activation([i for i, _, _ in sides], heads=heads)
 
 
 @_rule("dot_general")
@@ -568,19 +688,18 @@ def _dot_general(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info
     own = [o.dims[d] for d in free]
     return tuple([o.dims[d] for d in batch] + (own + pad if side == 0 else pad + own))
 
-  return _contract(interp, eqn, ins, (lc, rc), out_dims)
+  return _contract(interp, eqn, ins, (lc, rc), (lb, rb), (lfree, rfree), out_dims)
 
 
 @_rule("ragged_dot_general")
 def _ragged_dot_general(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
-  # Grouped matmuls (mixture of experts): the rhs group dim indexes experts, an output axis.
+  # Grouped matmuls (mixture of experts): the rhs group dim indexes experts, a stacking axis.
   dn = eqn.params["ragged_dot_dimension_numbers"]
-  (lc, rc), _ = dn.dot_dimension_numbers
+  (lc, rc), (_, rb) = dn.dot_dimension_numbers
   if not any(i.tainted for i in ins) or ins[0].origins or ins[2].origins:
     return _unfollowable(interp, eqn, ins, "grouped matmul between parameters")
-  for p, o in ins[1].origins.items():
-    interp.contraction(o, p, rc, eqn, eqn.primitive.name)
-  return [_TAINTED]
+  stack = [*rb, *dn.rhs_group_dimensions]
+  return [_contraction_uses(interp, eqn, [(ins[1], rc, stack)])]
 
 
 @_rule("conv_general_dilated")
@@ -590,9 +709,7 @@ def _conv(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
     return _unfollowable(interp, eqn, ins, "a parameter as the convolution's input, or a "
                          "convolution between parameters")
   rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out feature, in feature, *spatial)
-  for p, o in rhs.origins.items():
-    interp.contraction(o, p, rhs_spec[1:], eqn, eqn.primitive.name)
-  return [_TAINTED]
+  return [_contraction_uses(interp, eqn, [(lhs, (), ()), (rhs, rhs_spec[1:], ())])]
 
 
 @_rule("scan")
@@ -635,9 +752,8 @@ def _cond(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
   outs = [interp.run_inside(eqn, b.jaxpr, [_CONST] * len(b.consts), ins[1:])
           for b in eqn.params["branches"]]
   merged = [interp.join(list(vals), eqn, "cond output") for vals in zip(*outs, strict=True)]
-  if ins[0].tainted:  # a data-dependent choice between parameter values is an activation
-    merged = [interp.join([m, _TAINTED], eqn, "data-dependent cond") if m.origins else m
-              for m in merged]
+  if ins[0].tainted:  # a data-dependent choice: still the branches' values, along their axes
+    merged = [m if m.origins or m.tainted else _activation(ins[:1]) for m in merged]
   return merged
 
 
@@ -656,33 +772,78 @@ class _Leaf:
   reason: str
   uses: tuple[_Use, ...]
   error: str | None = None
+  stack: tuple[int, ...] = ()
+  head: bool = False
+
+  @property
+  def layout(self) -> "Layout | None":
+    if self.output is None or self.shape is None:
+      return None
+    return Layout(tuple(a for a in range(len(self.shape)) if a not in self.output),
+                  tuple(a for a in self.output if a not in self.stack), self.stack, self.head)
 
 
 def _is_array(x: Any) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
 
 
-def _decide(shape: tuple[int, ...], uses: Sequence[_Use]) -> tuple[AxisSpec, str, str | None]:
-  """The spec from a parameter's uses: ``(output, reason, error)``."""
+def _decide(shape: tuple[int, ...], uses: Sequence[_Use]
+            ) -> tuple[AxisSpec, tuple[int, ...], str, str | None]:
+  """The spec from a parameter's uses: ``(output, stack, reason, error)``.
+
+  A contraction that leaves the parameter no fan-in (an outer product, a fan-in of one entry)
+  implies that GC leaves it alone, as an elementwise use does: the two agree.
+  """
   bad = [u for u in uses if u.kind in ("unfollowable", "inconsistent")]
-  implied = {u.output for u in uses}
-  if bad or len(implied) > 1:
-    why = "a use cannot be followed" if bad else "its uses disagree"
-    return None, why, why
+
+  def implied(u: _Use) -> AxisSpec:
+    if u.output is None:
+      return None
+    fan_in = [shape[a] for a in range(len(shape)) if a not in u.output]
+    return None if int(np.prod(fan_in)) == 1 else u.output
+
+  outputs = {implied(u) for u in uses}
+  if bad:
+    return None, (), "a use cannot be followed", "a use cannot be followed"
+  if len(outputs) > 1:
+    return None, (), "its uses disagree", "its uses disagree"
   if not uses:
-    return None, "no use reaches the activations: left alone", None
-  output = next(iter(implied))
-  first = uses[0]
+    return None, (), "no use reaches the activations: left alone", None
+  output = next(iter(outputs))
   if output is None:
-    kinds = {u.kind for u in uses}
-    if kinds == {"lookup"}:
-      return None, "lookup (gather): left alone", None
-    return None, "elementwise only (bias, scale): left alone", None
-  fan_in = [a for a in range(len(shape)) if a not in output]
-  if int(np.prod([shape[a] for a in fan_in])) == 1:
-    return None, f"{first.detail}: no fan-in, left alone", None
+    no_fan_in = [u for u in uses if u.output is not None]
+    if no_fan_in:
+      return None, (), f"{no_fan_in[0].detail}: no fan-in, left alone", None
+    if {u.kind for u in uses} == {"lookup"}:
+      return None, (), "lookup (gather): left alone", None
+    return None, (), "elementwise only (bias, scale): left alone", None
+  stack = set(output)
+  for u in uses:
+    stack &= set(u.stack)
   reasons = sorted({u.detail for u in uses})
-  return output, "; ".join(reasons), None
+  return output, _sorted(stack), "; ".join(reasons), None
+
+
+_NOT_TRACEABLE = tuple(getattr(jax.errors, name) for name in (
+    "ConcretizationTypeError", "TracerArrayConversionError", "TracerIntegerConversionError",
+    "NonConcreteBooleanIndexError") if hasattr(jax.errors, name))
+
+
+def _not_traceable(error: Exception, names: Mapping[str, Sequence[str]]) -> ValueError:
+  """A ``ValueError`` saying that ``fn`` is not traceable, naming the user's arguments.
+
+  JAX names the traced arguments of the library's own wrapper (``p_arrays[0]``, ...): ``names``
+  maps each of those lists to the user's names of its entries.
+  """
+  found = [names[kind][int(i)] for kind, i in re.findall(r"\b([psa])_arrays\[(\d+)\]", str(error))
+           if int(i) < len(names[kind])]
+  on = ", ".join(dict.fromkeys(found)) or "the parameters or the inputs"
+  return ValueError(
+      f"optax_gc.infer_output_axes: fn cannot be traced ({type(error).__name__}): it needs the "
+      f"concrete value of something that depends on {on}, for example a Python `if`, `bool()` "
+      "or `int()` on it. fn must be traceable by jax.make_jaxpr, with every array abstract: use "
+      "jnp.where or jax.lax.cond instead, or pass the value as a non-array argument (a Python "
+      "bool or int is passed as it is).")
 
 
 def _analyze(
@@ -697,8 +858,10 @@ def _analyze(
   p_paths, p_def = jax.tree_util.tree_flatten_with_path(params)
   p_leaves = [x for _, x in p_paths]
   is_param = [_is_array(x) for x in p_leaves]
-  s_leaves, s_def = jax.tree_util.tree_flatten(state)
-  a_leaves, a_def = jax.tree_util.tree_flatten((args, kwargs))
+  s_paths, s_def = jax.tree_util.tree_flatten_with_path(state)
+  s_leaves = [x for _, x in s_paths]
+  a_paths, a_def = jax.tree_util.tree_flatten_with_path((args, kwargs))
+  a_leaves = [x for _, x in a_paths]
   a_dyn = [i for i, x in enumerate(a_leaves) if _is_array(x)]
   if not a_dyn:
     raise ValueError(
@@ -720,7 +883,17 @@ def _analyze(
     return fn(p, jax.tree_util.tree_unflatten(s_def, s_arrays), *call_args, **call_kwargs)
 
   p_arrays = [x for x, ok in zip(p_leaves, is_param, strict=True) if ok]
-  closed = jax.make_jaxpr(traced)(p_arrays, s_leaves, [a_leaves[i] for i in a_dyn])
+  try:
+    closed = jax.make_jaxpr(traced)(p_arrays, s_leaves, [a_leaves[i] for i in a_dyn])
+  except _NOT_TRACEABLE as e:
+    ks = jax.tree_util.keystr
+    names = {
+        "p": [f"params{ks(p)}" for (p, _), ok in zip(p_paths, is_param, strict=True) if ok],
+        "s": [f"the model state{ks(p)}" for p, _ in s_paths],
+        "a": [("args" if a_paths[i][0][0].idx == 0 else "kwargs") + ks(a_paths[i][0][1:])
+              for i in a_dyn],
+    }
+    raise _not_traceable(e, names) from e
   jaxpr = closed.jaxpr
   infos = [_with_origins({k: _Origin(tuple(frozenset({a}) for a in range(np.ndim(x))))})
            for k, x in enumerate(p_arrays)]
@@ -728,8 +901,9 @@ def _analyze(
   for i in a_dyn:  # PRNG keys are not data: a mask drawn from one is a constant here
     key = jax.dtypes.issubdtype(getattr(a_leaves[i], "dtype", None), jax.dtypes.prng_key)
     infos.append(_CONST if key else _TAINTED)
-  interp = _Interpreter(centralize_lookups)
-  interp.run(jaxpr, [_CONST] * len(closed.consts), infos)
+  interp = _Interpreter(centralize_lookups, [tuple(np.shape(x)) for x in p_arrays])
+  results = interp.run(jaxpr, [_CONST] * len(closed.consts), infos)
+  heads = _union(r.heads for r in results)
 
   patterns = [(re.compile(k), v) for k, v in (overrides or {}).items()]
   out: list[_Leaf] = []
@@ -742,16 +916,20 @@ def _analyze(
       continue
     shape = tuple(np.shape(x))
     uses = tuple(interp.uses.get(k, {}))
+    head = k in heads
     k += 1
     match = next(((pat, v) for pat, v in patterns if pat.fullmatch(simple)), None)
     if match is not None:
       value = match[1]
       value = None if value is None else _sorted(
           a % max(len(shape), 1) for a in (value if isinstance(value, tuple) else (value,)))
-      out.append(_Leaf(simple, keypath, shape, value, f"override {match[0].pattern!r}", uses))
+      out.append(_Leaf(simple, keypath, shape, value, f"override {match[0].pattern!r}", uses,
+                       head=head))
       continue
-    output, reason, error = _decide(shape, uses)
-    out.append(_Leaf(simple, keypath, shape, output, reason, uses, error))
+    output, stack, reason, error = _decide(shape, uses)
+    if head and output is not None:
+      reason += "; the model's head"
+    out.append(_Leaf(simple, keypath, shape, output, reason, uses, error, stack, head))
   return p_def, out
 
 
@@ -771,19 +949,19 @@ def _raise_errors(leaves: Sequence[_Leaf]) -> None:
 
 
 def _format_table(leaves: Sequence[_Leaf]) -> str:
-  """A plain-text table: path, shape, output axes, fan-in axes, reason."""
-  rows = [("path", "shape", "output axes", "fan-in axes", "reason")]
+  """A plain-text table: path, shape, fan-in, output and stacked axes, reason."""
+  rows = [("path", "shape", "fan-in", "output", "stacked", "reason")]
   for leaf in leaves:
     shape = "-" if leaf.shape is None else str(leaf.shape)
-    if leaf.output is None or leaf.shape is None:
-      out, fan = "None", "-"
+    layout = leaf.layout
+    if layout is None:
+      cells = ("-", "None", "-")
     else:
-      out = str(leaf.output)
-      fan = str(tuple(a for a in range(len(leaf.shape)) if a not in leaf.output))
-    rows.append((leaf.path or "<root>", shape, out, fan, leaf.reason))
-  widths = [max(len(r[i]) for r in rows) for i in range(4)]
+      cells = (str(layout.fan_in), str(layout.output), str(layout.stack) if layout.stack else "-")
+    rows.append((leaf.path or "<root>", shape, *cells, leaf.reason))
+  widths = [max(len(r[i]) for r in rows) for i in range(5)]
   return "\n".join(
-      "  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4]
+      "  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5]
       for r in rows).rstrip()
 
 
@@ -791,14 +969,17 @@ def infer_from(
     fn: Callable[..., Any], params: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *,
     state: Any = None, overrides: Mapping[str, Any] | None = None,
     centralize_lookups: bool = False, report: Callable[[str], Any] | None = None,
+    layout: bool = False,
 ) -> Any:
-  """:func:`infer_output_axes` with the example inputs as a tuple and a dict (and model state)."""
+  """:func:`infer_output_axes` (or, with ``layout=True``, :func:`infer_layout`) with the example
+  inputs as a tuple and a dict, and model state."""
   treedef, leaves = _analyze(fn, params, args, kwargs, state=state, overrides=overrides,
                              centralize_lookups=centralize_lookups)
   if report is not None:
     report(_format_table(leaves))
   _raise_errors(leaves)
-  return jax.tree_util.tree_unflatten(treedef, [leaf.output for leaf in leaves])
+  return jax.tree_util.tree_unflatten(
+      treedef, [leaf.layout if layout else leaf.output for leaf in leaves])
 
 
 def infer_output_axes(
@@ -898,14 +1079,52 @@ def infer_layout(
     report: Callable[[str], Any] | None = None,
     **kwargs: Any,
 ) -> Any:
-  """Each parameter's :class:`Layout` (fan-in, output and stacked axes), read from the model.
+  r"""Each parameter's :class:`Layout`: its fan-in, output and stacked axes, read from the model.
 
-  PROVISIONAL: derived from :func:`infer_output_axes`, with every output axis in ``output``,
-  ``stack=()`` and ``head=False``; the real inference replaces it.
+  The same inference as :func:`infer_output_axes`, kept apart into what optimizers that work
+  unit by unit or matrix by matrix need: GC averages over ``fan_in``; Muon orthogonalizes the
+  ``fan_in`` :math:`\times` ``output`` matrix, separately along ``stack`` (see
+  :func:`optax_gc.muon_dimension_numbers`); AGC clips each output unit by its norm over
+  ``fan_in``. ``infer_output_axes`` returns ``output + stack`` (sorted) for the same leaf.
+
+  A *stacked* axis is a parameter axis that indexes separate matrices: scanned, vmapped or
+  indexed one layer at a time, or a batch dimension of the parameter's ``dot_general`` (mixture-
+  of-experts kernels ``"ecd,edf->ecf"``, a grouped matmul's groups). An axis that one use stacks
+  and another does not is an output axis. ``head`` is ``True`` for a parameter whose
+  contraction's result reaches ``fn``'s output with no further contraction by a parameter: the
+  classifier or logits head (of the value ``fn`` returns: return the logits, not a loss of
+  them, for this to mean the last layer).
+
+  Args:
+    fn: the model, as a function ``fn(params, *args, **kwargs)``.
+    params: the parameters: a pytree of arrays or ``jax.ShapeDtypeStruct``\ s.
+    *args: example inputs, as in :func:`infer_output_axes`.
+    overrides: as in :func:`infer_output_axes`: the axes given are the output axes (with no
+      stacked axis), all others are the fan-in; ``None`` gives ``None``.
+    centralize_lookups: as in :func:`infer_output_axes`.
+    report: as in :func:`infer_output_axes`.
+    **kwargs: keyword inputs, treated like ``args``.
+
+  Returns:
+    A pytree with the structure of ``params`` whose leaves are a :class:`Layout`, or ``None``
+    where the parameter has no fan-in (biases, norm scales, lookup-only tables, unused ones).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import optax_gc
+    >>> def moe(params, x):  # experts (E, d, f), tokens routed per expert: (E, C, d)
+    ...   return jnp.einsum('ecd,edf->ecf', x, params['experts'])
+    >>> params = {'experts': jnp.ones((4, 8, 16))}
+    >>> x = jax.ShapeDtypeStruct((4, 2, 8), jnp.float32)
+    >>> optax_gc.infer_layout(moe, params, x)
+    {'experts': Layout(fan_in=(1,), output=(2,), stack=(0,), head=True)}
+    >>> optax_gc.infer_output_axes(moe, params, x)
+    {'experts': (0, 2)}
+
+  References:
+    Yong, Huang, Hua and Zhang, `Gradient Centralization: A New Optimization
+    Technique for Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_,
+    ECCV 2020.
   """
-  spec = infer_output_axes(fn, params, *args, overrides=overrides,
-                           centralize_lookups=centralize_lookups, report=report, **kwargs)
-  return jax.tree_util.tree_map(
-      lambda out, x: None if out is None else Layout(
-          tuple(a for a in range(np.ndim(x)) if a not in out), tuple(out)),
-      spec, params, is_leaf=lambda x: x is None or isinstance(x, tuple))
+  return infer_from(fn, params, args, kwargs, overrides=overrides,
+                    centralize_lookups=centralize_lookups, report=report, layout=True)
