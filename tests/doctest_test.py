@@ -19,11 +19,12 @@ def test_docstring_examples(module):
 
 def test_public_api():
   assert sorted(optax_gc.__all__) == [
-      "centralize", "gc_adam", "gc_adamw", "gc_removed_fraction", "gc_sgd",
-      "infer_output_axes", "nnx_output_axes",
+      "Layout", "centralize", "gc_adam", "gc_adamw", "gc_removed_fraction", "gc_sgd",
+      "infer_layout", "infer_output_axes", "nnx_output_axes",
   ]
   for name in optax_gc.__all__:
     obj = getattr(optax_gc, name)
-    for section in ("Args:", "Returns:", "Examples:", "References:"):
+    sections = ("Attributes:",) if isinstance(obj, type) else ("Args:", "Returns:")
+    for section in (*sections, "Examples:", "References:"):
       assert section in obj.__doc__, (name, section)
   assert optax_gc.__version__

@@ -46,6 +46,17 @@ class Layout(NamedTuple):
       (mixture-of-experts kernels, grouped matmuls).
     head: ``True`` when the contraction's result reaches the model's output with no further
       contraction by a parameter: a classifier or logits head.
+
+  Examples:
+    >>> import optax_gc
+    >>> layout = optax_gc.Layout(fan_in=(1,), output=(2,), stack=(0,))  # a scanned (L, in, out)
+    >>> tuple(sorted(layout.output + layout.stack))  # what GC keeps: infer_output_axes's spec
+    (0, 2)
+
+  References:
+    Yong, Huang, Hua and Zhang, `Gradient Centralization: A New Optimization
+    Technique for Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_,
+    ECCV 2020.
   """
 
   fan_in: tuple[int, ...]
@@ -213,7 +224,7 @@ def _where(eqn: Any) -> str:
 
 def _sub_jaxpr(eqn: Any) -> tuple[Any, list[Any]] | None:
   """The one sub-jaxpr of a call-like equation whose inputs are the equation's, with its consts."""
-  for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+  for key in ("jaxpr", "call_jaxpr", "fun_jaxpr", "call"):
     sub = eqn.params.get(key)
     if isinstance(sub, jex_core.ClosedJaxpr):
       jaxpr, consts = sub.jaxpr, list(sub.consts)
@@ -335,9 +346,7 @@ class _Interpreter:
     if sub is not None:
       jaxpr, consts = sub
       return self.run_inside(eqn, jaxpr, [_CONST] * len(consts), ins)
-    detail = f"{name} (no rule for this primitive)"
-    if name in _OPAQUE:
-      detail = f"{name} (an opaque kernel: what it does with the parameter is not visible)"
+    detail = f"{name} ({_UNFOLLOWED.get(name, 'no rule for this primitive')})"
     for info in ins:
       for p in info.origins:
         self.record(p, _Use("unfollowable", None, detail, self.where(eqn)))
@@ -370,30 +379,149 @@ class _Interpreter:
 
 _RULES: dict[str, Callable[[_Interpreter, Any, list[_Info]], list[_Info]]] = {}
 
+# Every primitive of every supported JAX version is in exactly one class: it has a rule
+# (``_RULES``), it is a call whose sub-jaxpr is followed (``_CALLS``), or it is in ``_UNFOLLOWED``
+# with the reason why nothing is guessed through it (a parameter that reaches it raises, naming
+# the reason). tests/primitives_test.py checks this against the installed JAX, and that every
+# name here is a primitive of some supported version; a name that is not one of the newest
+# JAX's says which versions have it.
+
 _ELEMENTWISE = (
     "abs acos acosh add add_any and asin asinh atan atan2 atanh bessel_i0e bessel_i1e cbrt ceil "
-    "clamp clz complex conj convert_element_type copy copy_p cos cosh digamma div eq erf erf_inv "
-    "erfc exp exp2 expm1 floor ge gt igamma igammac imag integer_pow is_finite le lgamma log "
-    "log1p logistic lt max min mul ne neg nextafter not or polygamma population_count pow "
-    "real reduce_precision regularized_incomplete_beta rem round rsqrt shift_left "
-    "shift_right_arithmetic shift_right_logical sign sin sinh sqrt square stop_gradient sub tan "
-    "tanh xor zeta bitcast_convert_type"
+    "clamp clz complex conj convert_element_type copy cos cosh digamma div eq erf erf_inv "
+    "erfc exp exp2 expm1 floor ge gt igamma igamma_grad_a igammac imag integer_pow is_finite le "
+    "lgamma log log1p logistic lt max min mul ne neg nextafter not or polygamma population_count "
+    "pow real reduce_precision regularized_incomplete_beta rem round rsqrt shift_left "
+    "shift_right_arithmetic shift_right_logical sign sin sinh sqrt stop_gradient sub tan "
+    "tanh xor zeta bitcast_convert_type "
+    "eq_to le_to lt_to "  # comparisons of jax >= 0.4.30's lax internals
+    "square "  # jax >= 0.4.38
+    "reciprocal "  # jax >= 0.6
+    "mulhi "  # jax >= 0.9
+    "random_gamma_grad"  # jax <= 0.5
 ).split()
-# One output per input, each the same value as far as axes go: copies, placement and
+# One output per input, each the same value as far as axes go: copies, names, placement and
 # sharding annotations, and collectives that keep the shape.
 _IDENTITY = (
-    "device_put reshard sharding_constraint mesh_cast optimization_barrier pvary pbroadcast "
-    "psum pmax pmin pmean psum_invariant ppermute reduce_scatter psum_scatter"
+    "device_put sharding_constraint optimization_barrier pbroadcast psum pmax pmin ppermute "
+    "reduce_scatter "
+    "name "  # jax.ad_checkpoint.checkpoint_name
+    "stage "  # jax >= 0.9
+    "sharding_cast "  # jax 0.4.38 (mesh_cast's name there)
+    "mesh_cast "  # jax 0.5-0.6
+    "reshard "  # jax >= 0.5
+    "psum2 "  # jax <= 0.5 (shard_map's psum)
+    "pvary psum_invariant layout_constraint with_memory_space_constraint "  # jax >= 0.6
+    "remove_memory_space "  # jax 0.7-0.8
+    "preduced unreduced_psum reduced_vary_cast_p vary_unreduced_cast_p"  # jax >= 0.8
 ).split()
 _REDUCTIONS = "reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor".split()
 _CUMULATIVE = "cumsum cumprod cummax cummin cumlogsumexp".split()
 # Call-like primitives: their sub-jaxpr takes the equation's inputs and gives its outputs.
 _CALLS = frozenset({
-    "jit", "pjit", "closed_call", "core_call", "remat2", "checkpoint", "custom_jvp_call",
-    "custom_vjp_call", "custom_vjp_call_jaxpr", "shard_map", "composite", "named_call",
+    "jit",  # jax >= 0.7
+    "pjit",  # jax <= 0.6 (jit's name there)
+    "custom_vjp_call_jaxpr",  # jax <= 0.5
+    "compute_on",  # jax >= 0.8
+    "composite",  # jax >= 0.5
+    "closed_call", "call", "remat2", "remat_opt", "custom_jvp_call", "custom_jvp_call_jaxpr",
+    "custom_vjp_call",
+    "custom_vmap_call", "shard_map", "eval_jaxpr",
 })
-# Kernels whose bodies are not jaxprs over the same values: never guessed through.
-_OPAQUE = frozenset({"pallas_call", "custom_call", "ffi_call", "mosaic_gpu_call", "triton_call"})
+
+_UNFOLLOWED: dict[str, str] = {}
+
+
+def _unfollowed(reason: str, names: str) -> None:
+  for name in names.split():
+    _UNFOLLOWED[name] = reason
+
+
+_unfollowed(
+    "an opaque kernel: what it does with the parameter is not visible",
+    "pallas_call ffi_call custom_partitioning call_exported "
+    "tpu_custom_call "  # jax 0.4.38-0.9
+    "cudnn_fusion scaled_matmul scaled_matmul_wrapper scaled_dot "
+    "bias_fwd bias_bwd "  # jax 0.4.38-0.7
+    "dot_product_attention_fwd dot_product_attention_bwd dot_product_attention_fwd_wrapper "
+    "dot_product_attention_bwd_wrapper dot_product_attention_fp8_fwd "
+    "dot_product_attention_fp8_bwd dot_product_attention_fp8_fwd_wrapper "
+    "dot_product_attention_fp8_bwd_wrapper")
+_unfollowed(
+    "a host callback or transfer: what it computes is not visible",
+    "pure_callback io_callback "
+    "outside_call "  # jax 0.4.30
+    "infeed outfeed")  # jax <= 0.6
+_unfollowed(
+    "an operation of a Pallas or Mosaic kernel body, which is opaque",
+    "program_id num_programs masked_load masked_swap multiple_of delay run_scoped core_map "
+    "semaphore_read semaphore_signal semaphore_wait get_global jaxpr_call mpmd_map "
+    "atomic_cas atomic_rmw max_contiguous "  # jax <= 0.8 (max_contiguous) or 0.9
+    "dma_start dma_wait get_barrier_semaphore bitcast repeat roll prng_seed prng_random_bits "
+    "assume_for_verification pretend_for_verification "  # jax 0.4.38-0.9, 0.7 for the last two
+    "device_id "  # jax 0.4.38
+    "stochastic_round pack_elementwise unpack_elementwise "  # jax 0.8-0.9
+    "add_dependency "  # jax 0.7-0.9
+    "trace_value matmul_acc_lhs matmul_pop matmul_push_rhs")  # jax 0.9
+_unfollowed(
+    "a mutable reference: values flow through memory, which no rule follows",
+    "get swap addupdate broadcast_to run_state new_ref freeze accum_grad_in_ref empty_ref "
+    "free_ref create_linear pin unpin box_get box_set new_box new_log log_extend log_read "
+    "mutable_array "  # jax <= 0.6
+    "for")  # jax 0.4.38-0.6
+_unfollowed(
+    "a matrix decomposition or solve: each entry of the result mixes many entries",
+    "cholesky cholesky_update eig eigh lu lu_pivots_to_permutation qr geqrf householder_product "
+    "svd schur hessenberg tridiagonal tridiagonal_solve triangular_solve custom_linear_solve "
+    "spsolve "
+    "eigh_jacobi "  # jax <= 0.7
+    "geqp3 symmetric_product "  # jax >= 0.5
+    "symmetric_update "  # jax 0.4.38
+    "ormqr")  # jax >= 0.9
+_unfollowed("a Fourier transform: every entry along the transformed axes is mixed", "fft")
+_unfollowed(
+    "a windowed reduction (pooling) or its gradient",
+    "reduce_window reduce_window_sum reduce_window_max reduce_window_min select_and_scatter "
+    "select_and_scatter_add select_and_gather_add")
+_unfollowed("a general reduction with a computation of its own", "reduce")
+_unfollowed("a selection by value (top-k)", "top_k approx_top_k")
+_unfollowed(
+    "random numbers or a PRNG key",
+    "random_bits random_seed random_split random_fold_in random_wrap random_unwrap random_clone "
+    "random_gamma threefry2x32 rng_bit_generator rng_uniform iota_2x32_shape to_edtype "
+    "from_edtype "
+    "prng_join prng_split "  # jax 0.6-0.9
+    "threefry4x32 philox2x32 philox4x32")  # jax >= 0.9
+_unfollowed(
+    "a collective that moves data between axes or devices",
+    "all_to_all pgather axis_index ragged_all_to_all all_gather_invariant psend precv "
+    "all_gather_reduced unreduced_reduce_scatter "
+    "full_to_shard shard_to_full "  # jax <= 0.9
+    "all_gather_start all_gather_done all_gather_reduced_start all_to_all_start "
+    "all_to_all_done pbroadcast_start pbroadcast_done ppermute_start ppermute_done psum_start "
+    "psum_done psum_invariant_start reduce_scatter_start reduce_scatter_done "
+    "unreduced_psum_start unreduced_reduce_scatter_start "  # jax >= 0.9
+    "global_array_to_host_local_array host_local_array_to_global_array "
+    "ag_start ag_done "  # jax 0.9 (all_gather_start and _done there)
+    "pdot "  # jax 0.4.30
+    "xla_pmap")  # jax <= 0.9: pmap; trace the per-device function instead
+_unfollowed(
+    "a value made from no array (an index, a token, a shape)",
+    "iota create_token after_all empty platform_index dim_as_value dimension_size "
+    "empty2 "  # jax >= 0.7
+    "id")  # jax 0.4.30
+_unfollowed(
+    "a sparse array, which is not followed",
+    "bcoo_dot_general bcoo_dot_general_sampled bcoo_extract bcoo_fromdense bcoo_sort_indices "
+    "bcoo_spdot_general bcoo_sum_duplicates bcoo_todense bcoo_transpose bcsr_dot_general "
+    "bcsr_extract bcsr_fromdense bcsr_todense coo_fromdense coo_matmat coo_matvec coo_spmm "
+    "coo_spmv coo_todense csr_fromdense csr_matmat csr_matvec csr_spmm csr_spmv csr_todense "
+    "todense")
+_unfollowed(
+    "an internal of a JAX transformation, not found in a traced model",
+    "custom_lin linear_call unreachable "
+    "custom_transpose_call "  # jax <= 0.9
+    "call_hi_primitive call_hi_primitive_linearized")  # jax >= 0.8
 
 
 def _rule(*names: str) -> Callable[[Callable[..., list[_Info]]], Callable[..., list[_Info]]]:
@@ -430,8 +558,8 @@ def _identity(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
   return list(ins[: len(eqn.outvars)])
 
 
-@_rule("scatter", "scatter-add", "scatter_add", "scatter-mul", "scatter_mul", "scatter-min",
-       "scatter_min", "scatter-max", "scatter_max", "scatter-sub", "scatter_sub")
+@_rule("scatter", "scatter-add", "scatter-mul", "scatter-min", "scatter-max",
+       "scatter-sub")  # jax >= 0.4.38
 def _scatter(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
   """``W.at[i].set(u)``: the result runs along ``W``'s axes; ``u`` is written into it."""
   operand, indices, updates = ins[:3]
@@ -530,6 +658,40 @@ def _tile(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
   return [ins[0]]
 
 
+@_rule("stack")  # jax >= 0.10
+def _stack(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
+  # A new axis along which the operands lie: no parameter axis runs along it.
+  axis = eqn.params["axis"]
+  return [interp.join([_map_origins(i, lambda o: dataclasses.replace(
+      o, dims=o.dims[:axis] + (_NONE,) + o.dims[axis:])) for i in ins], eqn, "stack")]
+
+
+@_rule("unstack")  # jax >= 0.10
+def _unstack(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
+  # Each result is one index along ``axis``: a selection, as ``w[i]`` is.
+  axis = eqn.params["axis"]
+  return [_map_origins(ins[0], lambda o: _Origin(o.dims[:axis] + o.dims[axis + 1:], o.mixed,
+                                                 o.indexed | o.dims[axis]))] * len(eqn.outvars)
+
+
+@_rule("tie")
+def _tie(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
+  return [ins[1]]  # tie(x, y) is y, ordered after x
+
+
+@_rule("zeros_like")
+def _zeros_like(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
+  return [_CONST] * len(eqn.outvars)
+
+
+@_rule("debug_callback", "inspect_sharding", "shape_assertion", "check",
+       "debug_print",  # jax <= 0.8 and 0.10
+       "dce_sink")  # jax >= 0.7
+def _effect_only(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
+  # A side effect (printing, a check) whose results, if any, reach nothing that is computed.
+  return [_CONST] * len(eqn.outvars)
+
+
 @_rule("select_n")
 def _select_n(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
   """``select_n(which, *cases)``: each element is one case's element at the same position.
@@ -600,12 +762,13 @@ def _gather(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
   dn = eqn.params["dimension_numbers"]
   shape = eqn.invars[0].aval.shape
   sizes = eqn.params["slice_sizes"]
-  picked = set(dn.start_index_map) | set(dn.operand_batching_dims)
+  batching = getattr(dn, "operand_batching_dims", ())  # jax >= 0.4.31
+  picked = set(dn.start_index_map) | set(batching)
   if indices.tainted:  # an embedding lookup
     return [_lookup(interp, eqn, operand, sorted(d for d in picked if sizes[d] < shape[d]))]
   # A selection at fixed indices: the kept dims map to the offset dims, the rest are gone.
   kept = [d for d in range(len(shape))
-          if d not in dn.collapsed_slice_dims and d not in dn.operand_batching_dims]
+          if d not in dn.collapsed_slice_dims and d not in batching]
   out_ndim = eqn.outvars[0].aval.ndim
 
   def fn(o: _Origin) -> _Origin:
@@ -700,6 +863,13 @@ def _ragged_dot_general(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> lis
     return _unfollowable(interp, eqn, ins, "grouped matmul between parameters")
   stack = [*rb, *dn.rhs_group_dimensions]
   return [_contraction_uses(interp, eqn, [(ins[1], rc, stack)])]
+
+
+@_rule("ragged_dot")  # jax <= 0.4.38: lhs (m, k), rhs (groups, k, n), group sizes
+def _ragged_dot(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
+  if not any(i.tainted for i in ins) or ins[0].origins or ins[2].origins:
+    return _unfollowable(interp, eqn, ins, "grouped matmul between parameters")
+  return [_contraction_uses(interp, eqn, [(ins[1], (1,), (0,))])]
 
 
 @_rule("conv_general_dilated")
@@ -1012,16 +1182,21 @@ def infer_output_axes(
   it) and sub-jaxprs (``jit``, ``custom_jvp``/``custom_vjp``, ``remat``, ``cond``, ``while``,
   ``scan``, ``shard_map``). A parameter gets ``None`` (GC leaves it alone) when no use contracts it:
   biases of any rank and norm scales (elementwise with the activations), unused parameters,
-  and embedding tables used only by a lookup. GC's derivation assumes dense inputs, and
+  learned inputs (a class token, a probe or latent array broadcast or tiled to a batch and fed
+  to a dense layer, which is that layer's input: the layer's fan-in is where it meets it), and
+  embedding tables used only by a lookup. GC's derivation assumes dense inputs, and
   centralizing a table would turn a sparse update into a dense one; ``centralize_lookups=True``
   treats a lookup as the one-hot product it equals, with the looked-up axis as fan-in.
 
   Every use of a parameter counts. If its uses disagree (a tied embedding used for the lookup
   and for the logits, ``W`` and ``W.T`` in a tied autoencoder, a reshape that merges fan-in and
-  output axes), or if one use reaches a primitive without a rule (an opaque custom call, a
-  Pallas kernel), nothing is guessed: a ``ValueError`` names each such leaf's key path and
-  shape and lists each use with the axes it implies and where in the code it is. Give those
-  leaves a spec of their own with ``overrides``.
+  output axes), or if one use reaches a primitive that is not followed (an opaque custom call,
+  a Pallas kernel, a matrix decomposition: each is listed with its reason), nothing is guessed:
+  a ``ValueError`` names each such leaf's key path and shape and lists each use with the axes it
+  implies and where in the user's code it is. Give those leaves a spec of their own with
+  ``overrides``. An axis summed into every element before the contraction (a norm over it, as
+  weight norm does) reaches every output unit: it is fan-in. A ``fn`` that cannot be traced
+  (a Python ``if`` on a traced value) raises a ``ValueError`` naming the argument it depends on.
 
   Args:
     fn: the model, as a function ``fn(params, *args, **kwargs)``.
@@ -1034,8 +1209,9 @@ def infer_output_axes(
       spec instead of the inferred one; its conflicts are not raised. The first match wins.
     centralize_lookups: treat embedding lookups as contractions over the looked-up axis,
       instead of leaving lookup-only tables alone.
-    report: if given, called with a table (one row per leaf: path, shape, output axes, fan-in
-      axes and the reason), for example ``report=print``; called before any error is raised.
+    report: if given, called with a table (one row per leaf: path, shape, fan-in, output and
+      stacked axes as in :func:`infer_layout`, and the reason), for example ``report=print``;
+      called before any error is raised. The spec is the output and stacked axes together.
     **kwargs: keyword inputs, treated like ``args``.
 
   Returns:
@@ -1055,9 +1231,9 @@ def infer_output_axes(
     {'b': None, 'q': (1, 2)}
     >>> tx = optax.chain(optax_gc.centralize(spec), optax.adamw(1e-3))
     >>> _ = optax_gc.infer_output_axes(attention_q, params, x, report=print)
-    path  shape      output axes  fan-in axes  reason
-    b     (2, 4)     None         -            elementwise only (bias, scale): left alone
-    q     (8, 2, 4)  (1, 2)       (0,)         dot_general, contracting (0,)
+    path  shape      fan-in  output  stacked  reason
+    b     (2, 4)     -       None    -        elementwise only (bias, scale): left alone
+    q     (8, 2, 4)  (0,)    (1, 2)  -        dot_general, contracting (0,); the model's head
 
   References:
     Yong, Huang, Hua and Zhang, `Gradient Centralization: A New Optimization
