@@ -440,7 +440,7 @@ class _BatchUnpickler(pickle.Unpickler):
   def find_class(self, module: str, name: str) -> Any:
     try:
       return self._GLOBALS[module, name]
-    except (KeyError, TypeError):
+    except KeyError:
       raise DataError(
           f"{self._where} is not a CIFAR batch: it names the global "
           f"{_one_line(repr(f'{module}.{name}'))}, which was refused (nothing in the file was "
