@@ -33,6 +33,9 @@ class Config:
   """``cifar10``, ``cifar100`` or ``digits`` (offline, bundled with scikit-learn)."""
   data_dir: str | None = None
   """Folder with the data (npz pair, archive or its extracted folder); see ``input_pipeline``."""
+  allow_unverified_data: bool = False
+  """Read a CIFAR archive or batch file that is not the official one (its MD5 differs), e.g. a
+  re-packed copy; it is still decoded without running code. Off: such a file is an error."""
   train_subset: int | None = None
   """Train on a stratified subset of this many images (fixed across seeds); ``None``: all."""
   augment: str = "crop_flip"
@@ -115,6 +118,9 @@ class Config:
                        "centralizes every leaf of rank > 1. Use gc='gc', or another gc_axes.")
     _check_choice("schedule", self.schedule, SCHEDULES)
     _check_choice("augment", self.augment, AUGMENTATIONS)
+    if not isinstance(self.allow_unverified_data, bool):
+      raise ValueError(f"allow_unverified_data must be True or False, got "
+                       f"{self.allow_unverified_data!r}.")
     if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
       raise ValueError("epochs, batch_size and eval_batch_size must be positive.")
     _check_launch(self)
@@ -146,7 +152,7 @@ class Config:
 BOOKKEEPING_FIELDS = frozenset(
     {"data_dir", "checkpoints_to_keep", "log_every_steps", "gc_log_every_epochs", "progress",
      "distributed", "eval_batch_size", "coordinator_address", "process_id",
-     "distributed_timeout"}
+     "distributed_timeout", "allow_unverified_data"}
 )
 
 
@@ -190,6 +196,9 @@ _FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
                                          "or its extracted folder (default: $OPTAX_GC_DATA/"
                                          "<dataset>, else ~/.cache/optax_gc/<dataset>; downloads "
                                          "there if empty)")),
+    "--allow-unverified-data": ("allow_unverified_data", dict(
+        action="store_true", help="read CIFAR files whose MD5 is not the official one (a "
+                                  "re-packed copy), still without running code in them")),
     "--train-subset": ("train_subset", dict(type=int, metavar="N",
                                             help="train on a stratified subset of N images")),
     "--augment": ("augment", dict(choices=AUGMENTATIONS,

@@ -106,3 +106,10 @@ def test_resnet20_preset_keeps_he_et_als_schedule() -> None:
   lr = train.make_learning_rate(configs.get_config("cifar10_resnet20").resolved(), 10)
   assert [float(lr(e * 10)) for e in (0, 99, 100, 149, 150, 199)] == pytest.approx(
       [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rel=1e-6)
+
+
+def test_allow_unverified_data_is_an_opt_in_switch() -> None:
+  assert _parse().allow_unverified_data is False
+  assert _parse("--dataset", "cifar100", "--allow-unverified-data").allow_unverified_data is True
+  with pytest.raises(ValueError, match="allow_unverified_data must be True or False, got 'yes'"):
+    Config(allow_unverified_data="yes").resolved()

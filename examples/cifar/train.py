@@ -486,7 +486,8 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> dict[str, Any]:
   if verdict := _gather_text(verdict)[0]:
     raise ValueError(verdict)
 
-  data = input_pipeline.load_dataset(config.dataset, config.data_dir)
+  data = input_pipeline.load_dataset(config.dataset, config.data_dir,
+                                     allow_unverified=config.allow_unverified_data)
   train_split = data.train
   if config.train_subset is not None:
     train_split = input_pipeline.stratified_subset(train_split, config.train_subset)
