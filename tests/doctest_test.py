@@ -5,9 +5,9 @@ import doctest
 import pytest
 
 import optax_gc
-from optax_gc._src import alias, centralize, flax_nnx, infer
+from optax_gc._src import alias, centralize, compat, flax_nnx, infer
 
-_MODULES = [optax_gc, centralize, alias, infer, flax_nnx]
+_MODULES = [optax_gc, centralize, alias, infer, flax_nnx, compat]
 
 
 @pytest.mark.parametrize("module", _MODULES, ids=lambda m: m.__name__)

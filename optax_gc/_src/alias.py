@@ -9,6 +9,7 @@ import jax
 import optax
 
 from optax_gc._src.centralize import Mask, OutputAxis, centralize, map_centralized
+from optax_gc._src.compat import init_empty_state
 
 __all__ = ["gc_sgd", "gc_adam", "gc_adamw"]
 
@@ -45,7 +46,7 @@ def _centralized_decay(
     )
     return updates, state
 
-  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+  return optax.GradientTransformation(init_empty_state, update_fn)
 
 
 def gc_sgd(
