@@ -1,4 +1,4 @@
-"""Small shims that let the library run on the oldest JAX and Optax it supports.
+"""Small shims that let the library run on the oldest JAX it supports.
 
 Each shim names the version that made it necessary; drop it when the floor in
 ``pyproject.toml`` passes that version.
@@ -6,9 +6,7 @@ Each shim names the version that made it necessary; drop it when the floor in
 
 from typing import Any
 
-import optax
-
-__all__ = ["init_empty_state", "keypath_str"]
+__all__ = ["keypath_str"]
 
 
 def _simple_key(key: Any) -> str:
@@ -20,7 +18,7 @@ def _simple_key(key: Any) -> str:
 
 
 def keypath_str(path: tuple[Any, ...]) -> str:
-  """``jax.tree_util.keystr(path, simple=True, separator="/")``, which JAX < 0.5 lacks.
+  """``jax.tree_util.keystr(path, simple=True, separator="/")``, which JAX 0.4.x lacks.
 
   >>> import jax
   >>> [keypath_str(p) for p, _ in jax.tree_util.tree_leaves_with_path({'a': [0, {'b': 1}]})]
@@ -28,8 +26,3 @@ def keypath_str(path: tuple[Any, ...]) -> str:
   """
   return "/".join(_simple_key(k) for k in path)
 
-
-def init_empty_state(params: optax.Params) -> optax.EmptyState:
-  """``optax.init_empty_state``, which Optax < 0.2.6 lacks."""
-  del params
-  return optax.EmptyState()
