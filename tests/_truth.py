@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optax_gc._src.compat import keypath_str
+
 Spec = tuple[int, ...] | None
 
 
@@ -206,7 +208,7 @@ def fan_in_axes(w_shape: Sequence[int], spec: Spec) -> tuple[int, ...]:
 
 def path_key(path: Any) -> str:
   """A key path written like ``layers/0/kernel`` (an NNX ``Variable``'s ``/value`` dropped)."""
-  return jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
+  return keypath_str(path).removesuffix("/value")
 
 
 def by_key(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> dict[str, Any]:

@@ -128,7 +128,8 @@ class AgainstReferenceTest(parameterized.TestCase):
   )
   def test_gc_sgd(self, momentum_nesterov, weight_decay, conv_only):
     momentum, nesterov = momentum_nesterov
-    tx = optax_gc.gc_sgd(0.05, momentum, nesterov, weight_decay, conv_only=conv_only)
+    tx = optax_gc.gc_sgd(0.05, momentum, nesterov, weight_decay=weight_decay,
+                         conv_only=conv_only)
     _run_both(tx, ReferenceSGD(0.05, momentum, nesterov, weight_decay, conv_only))
 
   @parameterized.product(
@@ -136,7 +137,7 @@ class AgainstReferenceTest(parameterized.TestCase):
   )
   def test_gc_adam(self, weight_decay, conv_only, centralize_update):
     tx = optax_gc.gc_adam(
-        1e-2, 0.9, 0.99, 1e-8, weight_decay, conv_only=conv_only,
+        1e-2, 0.9, 0.99, 1e-8, weight_decay=weight_decay, conv_only=conv_only,
         centralize_update=centralize_update,
     )
     ref = ReferenceAdam(1e-2, 0.9, 0.99, 1e-8, weight_decay, conv_only, False, centralize_update)
@@ -145,7 +146,8 @@ class AgainstReferenceTest(parameterized.TestCase):
   @parameterized.product(conv_only=(False, True), centralize_update=(False, True))
   def test_gc_adamw(self, conv_only, centralize_update):
     tx = optax_gc.gc_adamw(
-        1e-2, 0.9, 0.99, 1e-8, 0.1, conv_only=conv_only, centralize_update=centralize_update
+        1e-2, 0.9, 0.99, 1e-8, weight_decay=0.1, conv_only=conv_only,
+        centralize_update=centralize_update,
     )
     ref = ReferenceAdam(1e-2, 0.9, 0.99, 1e-8, 0.1, conv_only, True, centralize_update)
     _run_both(tx, ref)
@@ -178,19 +180,23 @@ class AgainstReferenceTest(parameterized.TestCase):
     # Phi applied to the whole AdamW update (decay included, mask respected), written
     # literally: AdamW's own chain, then optax_gc.centralize on its output.
     params = {k: jnp.asarray(v) for k, v in _flax_params().items()}
-    ours = optax_gc.gc_adamw(1e-2, 0.9, 0.99, 1e-8, weight_decay, mask=mask,
+    ours = optax_gc.gc_adamw(1e-2, 0.9, 0.99, 1e-8, weight_decay=weight_decay, mask=mask,
                              centralize_update=True)
-    literal = optax.chain(
-        optax.scale_by_adam(0.9, 0.99, 1e-8),
-        optax.add_decayed_weights(weight_decay, mask),
-        optax.scale_by_learning_rate(1e-2),
-        optax_gc.centralize(),
-    )
-    s_ours, s_lit = ours.init(params), literal.init(params)
+
+    def literal(decay):  # stateless but for Adam, so a schedule is its value at each step
+      return optax.chain(
+          optax.scale_by_adam(0.9, 0.99, 1e-8),
+          optax.add_decayed_weights(decay, mask),
+          optax.scale_by_learning_rate(1e-2),
+          optax_gc.centralize(),
+      )
+
+    s_ours, s_lit = ours.init(params), literal(0.1).init(params)
     for t in range(4):
       grads = {k: jnp.asarray(v) for k, v in _grads(_flax_params(), t).items()}
+      decay = weight_decay(t) if callable(weight_decay) else weight_decay
       a, s_ours = jax.jit(ours.update)(grads, s_ours, params)
-      b, s_lit = jax.jit(literal.update)(grads, s_lit, params)
+      b, s_lit = jax.jit(literal(decay).update)(grads, s_lit, params)
       chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-8)
       params = optax.apply_updates(params, a)
 

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from absl.testing import absltest, parameterized
 
 import optax_gc
@@ -170,7 +171,7 @@ class LayoutTest(chex.TestCase):
 
   def test_real_flax_modules_store_outputs_last(self):
     """The layout table, checked against the shapes Flax NNX really creates."""
-    from flax import nnx
+    nnx = pytest.importorskip("flax.nnx")
 
     rngs = nnx.Rngs(0)
     cases = {
@@ -264,7 +265,7 @@ class TreeLikeSpecTest(chex.TestCase):
   """Spec and mask trees from real frameworks: prefixes of the updates, callable trees."""
 
   def test_equinox_module_trees_are_trees_not_callables(self):
-    import equinox as eqx
+    eqx = pytest.importorskip("equinox")
 
     model = eqx.nn.MLP(3, 2, 4, 1, key=jax.random.key(0))
     params = eqx.filter(model, eqx.is_array)
@@ -282,7 +283,7 @@ class TreeLikeSpecTest(chex.TestCase):
         np.testing.assert_array_equal(layer.bias, grads.layers[i].bias)
 
   def test_equinox_tree_of_the_wrong_structure_is_not_called(self):
-    import equinox as eqx
+    eqx = pytest.importorskip("equinox")
 
     small = eqx.nn.Linear(3, 2, key=jax.random.key(0))
     other = eqx.nn.Linear(3, 2, use_bias=False, key=jax.random.key(0))
@@ -291,7 +292,7 @@ class TreeLikeSpecTest(chex.TestCase):
       optax_gc.centralize(spec).init(eqx.filter(small, eqx.is_array))
 
   def test_spec_is_a_prefix_of_nnx_variables(self):
-    from flax import nnx
+    nnx = pytest.importorskip("flax.nnx")
 
     model = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
     spec = nnx.as_pure(jax.tree.map(lambda p: (1,) if p.ndim == 2 else None,

@@ -5,13 +5,15 @@ import doctest
 import pytest
 
 import optax_gc
-from optax_gc._src import alias, centralize, flax_nnx, infer
+from optax_gc._src import alias, centralize, compat, flax_nnx, infer
 
-_MODULES = [optax_gc, centralize, alias, infer, flax_nnx]
+_MODULES = [optax_gc, centralize, alias, infer, flax_nnx, compat]
 
 
 @pytest.mark.parametrize("module", _MODULES, ids=lambda m: m.__name__)
 def test_docstring_examples(module):
+  if module is flax_nnx:
+    pytest.importorskip("flax", reason="flax_nnx's examples need Flax")
   result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
   assert result.attempted > 0, f"{module.__name__} has no examples"
   assert result.failed == 0

@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 import optax_gc
+
+nnx = pytest.importorskip("flax.nnx", reason="these end-to-end tests use Flax NNX models")
 
 _LR = 0.1
 

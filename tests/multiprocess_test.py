@@ -22,11 +22,15 @@ _REPO_ROOT = Path(__file__).resolve().parents[1]
 
 _SCRIPT = textwrap.dedent(
     """
-    import os, sys
+    import inspect, os, sys
     import jax
     jax.config.update("jax_disable_most_optimizations", True)
-    jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]), initialization_timeout=60,
-                               heartbeat_timeout_seconds=30, shutdown_timeout_seconds=30)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # JAX 0.4.x: not the default
+    timeouts = dict(initialization_timeout=60, heartbeat_timeout_seconds=30,
+                    shutdown_timeout_seconds=30)  # JAX 0.4.x takes only the first
+    known = inspect.signature(jax.distributed.initialize).parameters
+    jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]),
+                               **{k: v for k, v in timeouts.items() if k in known})
     import numpy as np, optax
     from jax.experimental import multihost_utils
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P

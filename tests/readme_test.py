@@ -11,9 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
+import pytest
 
 import optax_gc
+
+nnx = pytest.importorskip("flax.nnx", reason="the README's examples use Flax NNX")
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

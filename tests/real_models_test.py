@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 import optax_gc
+
+nnx = pytest.importorskip("flax.nnx", reason="the real models are Flax NNX models")
 
 _MASK_VALUE = -2.3819763e38
 
@@ -198,7 +198,7 @@ class ScannedDecoder(nnx.Module):
 
 
 def _mesh():
-  return jax.make_mesh((1, 1), ("fsdp", "tensor"), axis_types=(AxisType.Explicit,) * 2)
+  return jax.make_mesh((1, 1), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
 
 
 _B, _T = 2, 3

@@ -158,10 +158,10 @@ def make_optimizer(
     return optax.chain(*[t for t in chain if t is not None])
   gc_options = dict(conv_only=config.gc == "gcc", output_axis=output_axis)
   if config.optimizer == "sgd":
-    return optax_gc.gc_sgd(lr, config.momentum, config.nesterov, wd, **gc_options)
+    return optax_gc.gc_sgd(lr, config.momentum, config.nesterov, weight_decay=wd, **gc_options)
   gc_options["centralize_update"] = config.gc_location == "update"
   alias = optax_gc.gc_adam if config.optimizer == "adam" else optax_gc.gc_adamw
-  return alias(lr, config.b1, config.b2, config.eps, wd, **gc_options)
+  return alias(lr, config.b1, config.b2, config.eps, weight_decay=wd, **gc_options)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,7 +5,10 @@ Each alias is ``optax.chain`` of small Optax transformations and
 under ``optax.inject_hyperparams``.
 """
 
+from typing import Any, NamedTuple
+
 import jax
+import jax.numpy as jnp
 import optax
 
 from optax_gc._src.centralize import Mask, OutputAxis, centralize, map_centralized
@@ -18,42 +21,58 @@ def _min_ndim(conv_only: bool) -> int:
   return 3 if conv_only else 2
 
 
-def _centralized_decay(
-    weight_decay: float, output_axis: OutputAxis, min_ndim: int
-) -> optax.GradientTransformation:
-  r"""Adds :math:`\lambda \Phi(p)` to updates that are already centralized.
+class DecayState(NamedTuple):
+  """The step count of a scheduled weight decay (``optax.EmptyState()`` for a constant one)."""
 
-  ``chain(centralize(...), _centralized_decay(...))`` is :math:`\Phi(g) +
-  \lambda \Phi(p) = \Phi(g + \lambda p)` (:math:`\Phi` is linear): the paper's
-  "decay, then centralize", computed without storing :math:`g + \lambda p`.
-  That sum has two consumers (the means and the update), so XLA writes it to
-  memory and reads it back; here each mean reads a buffer that already exists
-  and the rest fuses into the optimizer's elementwise update.
+  count: jax.Array
+
+
+def _decayed_weights(
+    weight_decay: optax.ScalarOrSchedule, centralized: tuple[OutputAxis, int] | None = None
+) -> optax.GradientTransformation:
+  r"""Adds :math:`\lambda p` to the updates, or :math:`\lambda \Phi(p)` with ``centralized``.
+
+  ``weight_decay`` is a number, an array (``optax.inject_hyperparams`` passes one) or a
+  schedule of the step count, as ``optax.add_decayed_weights`` takes it in Optax >= 0.2.6 (this
+  one also runs on older Optax). With ``centralized=(output_axis, min_ndim)``,
+  ``chain(centralize(...), _decayed_weights(wd, centralized))`` is :math:`\Phi(g) + \lambda
+  \Phi(p) = \Phi(g + \lambda p)` (:math:`\Phi` is linear): the paper's "decay, then
+  centralize", computed without storing :math:`g + \lambda p`. That sum has two consumers (the
+  means and the update), so XLA writes it to memory and reads it back; here each mean reads a
+  buffer that already exists and the rest fuses into the optimizer's elementwise update.
   """
+  scheduled = callable(weight_decay)
+
+  def init_fn(params):
+    del params
+    return DecayState(jnp.zeros([], jnp.int32)) if scheduled else optax.EmptyState()
 
   def update_fn(updates, state, params=None):
+    new_state = DecayState(optax.safe_int32_increment(state.count)) if scheduled else state
     if isinstance(weight_decay, (int, float)) and weight_decay == 0:
-      return updates, state
+      return updates, new_state
     if params is None:
       raise ValueError(
           "optax_gc: weight_decay needs the parameters: call update(grads, state, params)."
       )
-    centered = map_centralized(params, params, output_axis, min_ndim)
+    rate = weight_decay(state.count) if scheduled else weight_decay
+    decayed = params if centralized is None else map_centralized(params, params, *centralized)
     updates = jax.tree.map(
-        lambda u, c: None if u is None else u + weight_decay * c,
-        updates, centered, is_leaf=lambda x: x is None,
+        lambda u, c: None if u is None else u + rate * c,
+        updates, decayed, is_leaf=lambda x: x is None,
     )
-    return updates, state
+    return updates, new_state
 
-  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def gc_sgd(
     learning_rate: optax.ScalarOrSchedule,
-    momentum: float = 0.0,
+    momentum: float | None = None,
     nesterov: bool = False,
-    weight_decay: float = 0.0,
+    accumulator_dtype: Any | None = None,
     *,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
     conv_only: bool = False,
     output_axis: OutputAxis = -1,
 ) -> optax.GradientTransformationExtraArgs:
@@ -69,15 +88,20 @@ def gc_sgd(
     s = \begin{cases} d + \mu b & \text{Nesterov} \\ b & \text{else.}\end{cases}
 
   The weight decay is coupled (added to the gradient before GC), as in
-  ``torch.optim.SGD``. The momentum buffer is kept even for ``momentum=0`` (it
-  then equals the current direction), so that ``momentum`` can be injected or
-  scheduled with ``optax.inject_hyperparams``.
+  ``torch.optim.SGD``. The arguments before ``*`` are ``optax.sgd``'s, in its order and with
+  its defaults. As there, ``momentum=None`` keeps no momentum buffer; a number, ``0.0``
+  included, keeps one (for ``0.0`` it equals the current direction), so that ``momentum`` can
+  be injected or scheduled with ``optax.inject_hyperparams``.
 
   Args:
     learning_rate: a float or an ``optax.Schedule``.
-    momentum: the momentum :math:`\mu` (0 for plain SGD); may be a traced array.
+    momentum: the momentum :math:`\mu`, or ``None`` for plain SGD without a buffer; may be a
+      traced array.
     nesterov: whether to use Nesterov momentum.
-    weight_decay: the coupled L2 coefficient :math:`\lambda`.
+    accumulator_dtype: the dtype of the momentum buffer, as in ``optax.sgd`` (``None``: that
+      of the parameters).
+    weight_decay: the coupled L2 coefficient :math:`\lambda`, a float or an
+      ``optax.Schedule``.
     conv_only: ``True`` centralizes only conv kernels (rank >= 3): the
       paper's GCC. ``False`` centralizes dense kernels too (GC). The
       authors' code tests rank > 3, written for 2-D convs; here 1-D conv
@@ -104,11 +128,21 @@ def gc_sgd(
     Technique for Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_,
     ECCV 2020.
   """
+  if isinstance(accumulator_dtype, (int, float)) and not isinstance(accumulator_dtype, bool):
+    raise TypeError(
+        f"optax_gc.gc_sgd: accumulator_dtype={accumulator_dtype!r} is a number, not a dtype. "
+        "The 4th argument is accumulator_dtype, as in optax.sgd; the coupled weight decay is "
+        f"keyword-only: write weight_decay={accumulator_dtype!r}."
+    )
   min_ndim = _min_ndim(conv_only)
+  momentum_tx = (
+      optax.identity() if momentum is None
+      else optax.trace(decay=momentum, nesterov=nesterov, accumulator_dtype=accumulator_dtype)
+  )
   return optax.chain(
       centralize(output_axis, min_ndim=min_ndim),
-      _centralized_decay(weight_decay, output_axis, min_ndim),
-      optax.trace(decay=momentum, nesterov=nesterov),
+      _decayed_weights(weight_decay, (output_axis, min_ndim)),
+      momentum_tx,
       optax.scale_by_learning_rate(learning_rate),
   )
 
@@ -136,8 +170,11 @@ def gc_adam(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    eps_root: float = 0.0,
+    mu_dtype: Any | None = None,
     *,
+    nesterov: bool = False,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
     conv_only: bool = False,
     output_axis: OutputAxis = -1,
     centralize_update: bool = False,
@@ -163,12 +200,19 @@ def gc_adam(
   only this form keeps every output unit's fan-in sum of weights exactly
   constant (the paper's projected-gradient view, Sec. 4.1).
 
+  The arguments up to ``nesterov`` are ``optax.adam``'s, in its order and with its defaults.
+
   Args:
     learning_rate: a float or an ``optax.Schedule``.
     b1: decay of the first moment.
     b2: decay of the second moment.
     eps: added to :math:`\sqrt{\hat v}`.
-    weight_decay: coupled L2 coefficient added to the gradient before GC.
+    eps_root: added to :math:`\hat v` inside the square root, as in ``optax.adam``.
+    mu_dtype: the dtype of the first moment, as in ``optax.adam`` (``None``: that of the
+      parameters).
+    nesterov: whether to use Nesterov momentum (NAdam), as in ``optax.adam``.
+    weight_decay: coupled L2 coefficient added to the gradient before GC, a float or an
+      ``optax.Schedule``.
     conv_only: ``True`` for GCC (conv kernels only), ``False`` for GC.
     output_axis: which axis holds output units, see :func:`optax_gc.centralize`.
     centralize_update: apply GC to the final update instead of the gradient.
@@ -196,16 +240,16 @@ def gc_adam(
     Kingma and Ba, `Adam: A Method for Stochastic Optimization
     <https://arxiv.org/abs/1412.6980>`_, 2014.
   """
-  core = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+  core = optax.scale_by_adam(
+      b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov
+  )
   min_ndim = _min_ndim(conv_only)
   gc = centralize(output_axis, min_ndim=min_ndim)
   if centralize_update:
-    return optax.chain(
-        optax.add_decayed_weights(weight_decay), _placed(core, gc, learning_rate, True)
-    )
+    return optax.chain(_decayed_weights(weight_decay), _placed(core, gc, learning_rate, True))
   return optax.chain(
       gc,
-      _centralized_decay(weight_decay, output_axis, min_ndim),
+      _decayed_weights(weight_decay, (output_axis, min_ndim)),
       core,
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -216,11 +260,14 @@ def gc_adamw(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-    weight_decay: float = 1e-4,
+    eps_root: float = 0.0,
+    mu_dtype: Any | None = None,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
+    mask: Mask = None,
     *,
+    nesterov: bool = False,
     conv_only: bool = False,
     output_axis: OutputAxis = -1,
-    mask: Mask = None,
     centralize_update: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW (decoupled weight decay) with Gradient Centralization.
@@ -244,16 +291,22 @@ def gc_adamw(
   :math:`\epsilon` to the uncorrected :math:`\sqrt{v}`. This is the modern
   AdamW above.
 
+  The arguments up to ``nesterov`` are ``optax.adamw``'s, in its order and with its defaults.
+
   Args:
     learning_rate: a float or an ``optax.Schedule``.
     b1: decay of the first moment.
     b2: decay of the second moment.
     eps: added to :math:`\sqrt{\hat v}`.
-    weight_decay: decoupled decay :math:`\lambda` (scaled by the learning rate).
-    conv_only: ``True`` for GCC (conv kernels only), ``False`` for GC.
-    output_axis: which axis holds output units, see :func:`optax_gc.centralize`.
+    eps_root: added to :math:`\hat v` inside the square root, as in ``optax.adamw``.
+    mu_dtype: the dtype of the first moment, as in ``optax.adamw``.
+    weight_decay: decoupled decay :math:`\lambda` (scaled by the learning rate), a float or
+      an ``optax.Schedule``.
     mask: which leaves decay, as in ``optax.adamw``: a pytree of bools or a
       callable ``params -> such a pytree``.
+    nesterov: whether to use Nesterov momentum, as in ``optax.adamw``.
+    conv_only: ``True`` for GCC (conv kernels only), ``False`` for GC.
+    output_axis: which axis holds output units, see :func:`optax_gc.centralize`.
     centralize_update: apply GC to the final update instead of the gradient.
 
   Returns:
@@ -276,16 +329,20 @@ def gc_adamw(
     Loshchilov and Hutter, `Decoupled Weight Decay Regularization
     <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
   """
-  adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+  adam = optax.scale_by_adam(
+      b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov
+  )
   min_ndim = _min_ndim(conv_only)
   gc = centralize(output_axis, min_ndim=min_ndim)
-  if centralize_update and not callable(weight_decay):
+
+  def masked(decay: optax.GradientTransformation) -> optax.GradientTransformation:
+    return decay if mask is None else optax.masked(decay, mask)
+
+  if centralize_update:
     # Phi(u + wd*p) = Phi(u) + wd*Phi(p): the means read Adam's output and p,
     # so XLA does not store u + wd*p, a second kernel-sized temporary.
-    decay = _centralized_decay(weight_decay, output_axis, min_ndim)
-    if mask is not None:
-      decay = optax.masked(decay, mask)
+    decay = masked(_decayed_weights(weight_decay, (output_axis, min_ndim)))
     return optax.chain(adam, gc, decay, optax.scale_by_learning_rate(learning_rate))
-  core = optax.chain(adam, optax.add_decayed_weights(weight_decay, mask))
+  core = optax.chain(adam, masked(_decayed_weights(weight_decay)))
   return _placed(core, gc, learning_rate, centralize_update)
 

@@ -30,6 +30,8 @@ import jax
 import numpy as np
 from jax.extend import core as jex_core
 
+from optax_gc._src.compat import keypath_str
+
 __all__ = ["Layout", "infer_layout", "infer_output_axes"]
 
 AxisSpec = tuple[int, ...] | None
@@ -1079,7 +1081,7 @@ def _analyze(
   out: list[_Leaf] = []
   k = 0
   for (path, x), ok in zip(p_paths, is_param, strict=True):
-    simple = jax.tree_util.keystr(path, simple=True, separator="/")
+    simple = keypath_str(path)
     keypath = jax.tree_util.keystr(path)
     if not ok:
       out.append(_Leaf(simple, keypath, None, None, "not an array: left alone", ()))
