@@ -179,7 +179,8 @@ def test_outer_product_and_an_elementwise_use_agree():
 
 def test_no_fan_in_use_against_a_real_contraction_is_a_conflict():
   def fn(p, x):  # one use has a fan-in, the other none: they disagree, nothing is guessed
-    return jnp.einsum("ba,o->bao", x, p["w"]).sum(-1) @ p["w"][:3, None]
+    outer = lax.dot_general(x, p["w"], (((), ()), ((), ())))  # (b, a, o): no fan-in
+    return outer.sum(-1) + x @ p["w"][:3, None]  # (b, 3) @ (3, 1): w's axis 0 contracted
 
   with pytest.raises(ValueError, match="its uses disagree"):
     optax_gc.infer_output_axes(fn, {"w": _random((4,))}, _input(2, 3))
@@ -241,3 +242,17 @@ def test_a_function_that_is_not_traceable():
   with pytest.raises(ValueError, match=r"depends on kwargs\['x'\]"):
     optax_gc.infer_output_axes(lambda p, *, x: branchy(p, x), {"w": _random((6, 4))},
                                x=_input(2, 6))
+
+
+def test_a_static_slice_by_gather_keeps_its_axis():
+  # jnp indexing with a static slice lowers to gather on older JAX: a piece of an axis, many
+  # entries long, is not a selection of one unit.
+  def fn(w, x):
+    def rows(start):  # w[start:start + 3], as a gather at a constant index
+      return lax.gather(w, jnp.array([start]), lax.GatherDimensionNumbers(
+          offset_dims=(0, 1), collapsed_slice_dims=(), start_index_map=(0,)), (3, 4))
+
+    return x[:, :3] @ rows(0) + x[:, 3:] @ rows(3)
+
+  spec = _check_against_truth(fn, _random((6, 4)), [_random((2, 6))])
+  assert spec == (1,)

@@ -203,7 +203,10 @@ def _where(eqn: Any) -> str:
   try:
     from jax._src import source_info_util
 
-    frames = list(source_info_util.user_frames(eqn.source_info.traceback))
+    try:
+      frames = list(source_info_util.user_frames(eqn.source_info.traceback))
+    except AttributeError:  # jax < 0.5 takes the source info itself
+      frames = list(source_info_util.user_frames(eqn.source_info))
   except Exception:  # pragma: no cover - private API moved: the location is only a courtesy.
     return ""
   if not frames:
@@ -777,7 +780,7 @@ def _gather(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
     dims = [_NONE] * out_ndim
     for src, dst in zip(kept, dn.offset_dims, strict=True):
       dims[dst] = o.dims[src]
-    chosen = _union(o.dims[d] for d in picked if sizes[d] < shape[d])
+    chosen = _union(o.dims[d] for d in picked if sizes[d] == 1 < shape[d])  # one unit each
     return _Origin(tuple(dims), o.mixed, o.indexed | chosen)
 
   return [_map_origins(operand, fn)]
