@@ -6,7 +6,7 @@
 
 from optax_gc._src.alias import gc_adam, gc_adamw, gc_sgd
 from optax_gc._src.centralize import centralize, gc_removed_fraction
-from optax_gc._src.flax_nnx import nnx_output_axes
+from optax_gc._src.flax_nnx import nnx_layout, nnx_output_axes
 from optax_gc._src.infer import Layout, infer_layout, infer_output_axes
 
 __version__ = "0.1.0"
@@ -20,5 +20,6 @@ __all__ = [
     "gc_sgd",
     "infer_layout",
     "infer_output_axes",
+    "nnx_layout",
     "nnx_output_axes",
 ]

@@ -22,7 +22,7 @@ def test_docstring_examples(module):
 def test_public_api():
   assert sorted(optax_gc.__all__) == [
       "Layout", "centralize", "gc_adam", "gc_adamw", "gc_removed_fraction", "gc_sgd",
-      "infer_layout", "infer_output_axes", "nnx_output_axes",
+      "infer_layout", "infer_output_axes", "nnx_layout", "nnx_output_axes",
   ]
   for name in optax_gc.__all__:
     obj = getattr(optax_gc, name)

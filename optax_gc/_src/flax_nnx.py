@@ -8,7 +8,7 @@ from typing import Any
 
 from optax_gc._src.infer import infer_from
 
-__all__ = ["nnx_output_axes"]
+__all__ = ["nnx_layout", "nnx_output_axes"]
 
 
 def nnx_output_axes(
@@ -67,6 +67,58 @@ def nnx_output_axes(
     Technique for Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_,
     ECCV 2020.
   """
+  return _infer_nnx(model, args, kwargs, wrt=wrt, overrides=overrides,
+                    centralize_lookups=centralize_lookups, report=report, layout=False)
+
+
+def nnx_layout(
+    model: Any,
+    *args: Any,
+    wrt: Any = None,
+    overrides: Mapping[str, int | tuple[int, ...] | None] | None = None,
+    centralize_lookups: bool = False,
+    report: Callable[[str], Any] | None = None,
+    **kwargs: Any,
+) -> Any:
+  r"""The :class:`optax_gc.Layout` of every parameter of a Flax NNX model.
+
+  :func:`optax_gc.infer_layout` for an ``nnx.Module``, traced as :func:`nnx_output_axes` traces
+  it: the fan-in, output and stacked axes of each parameter, for GC, Muon
+  (:func:`optax_gc.muon_dimension_numbers`) and unit-wise clipping alike.
+
+  Args:
+    model: an ``nnx.Module``.
+    *args: example inputs, as in :func:`nnx_output_axes`.
+    wrt: the filter of the optimized variables (default ``nnx.Param``).
+    overrides: as in :func:`optax_gc.infer_layout`.
+    centralize_lookups: as in :func:`optax_gc.infer_layout`.
+    report: as in :func:`optax_gc.infer_layout` (``report=print`` shows the table).
+    **kwargs: keyword inputs of the model.
+
+  Returns:
+    An ``nnx.State`` with the structure of ``nnx.state(model, wrt)`` whose leaves are a
+    :class:`optax_gc.Layout` or ``None``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax_gc
+    >>> from flax import nnx
+    >>> model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+    >>> layout = optax_gc.nnx_layout(model, jax.ShapeDtypeStruct((2, 8), jnp.float32))
+    >>> layout['kernel'], layout['bias']
+    (Layout(fan_in=(0,), output=(1,), stack=(), head=True), None)
+
+  References:
+    Yong, Huang, Hua and Zhang, `Gradient Centralization: A New Optimization
+    Technique for Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_,
+    ECCV 2020.
+  """
+  return _infer_nnx(model, args, kwargs, wrt=wrt, overrides=overrides,
+                    centralize_lookups=centralize_lookups, report=report, layout=True)
+
+
+def _infer_nnx(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *, wrt: Any,
+               overrides: Any, centralize_lookups: bool, report: Any, layout: bool) -> Any:
+  """Splits the model outside the trace and merges it inside, then infers."""
   from flax import nnx  # Lazy: flax is not a dependency of the library.
 
   wrt = nnx.Param if wrt is None else wrt
@@ -76,4 +128,5 @@ def nnx_output_axes(
     return nnx.merge(graphdef, p, state)(*a, **k)
 
   return infer_from(fn, nnx.as_pure(params), args, kwargs, state=nnx.as_pure(rest),
-                    overrides=overrides, centralize_lookups=centralize_lookups, report=report)
+                    overrides=overrides, centralize_lookups=centralize_lookups, report=report,
+                    layout=layout)
