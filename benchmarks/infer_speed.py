@@ -1,4 +1,4 @@
-"""How long does reading the output axes from a model take? Trace-only, on abstract models.
+"""How long does reading the output axes (or the layout) from a model take? Trace-only.
 
 Commands::
 
@@ -6,8 +6,9 @@ Commands::
   python -m benchmarks.infer_speed --json docs/bench/infer_speed_cpu.json
 
 Both models are built with ``nnx.eval_shape``, so no weight is allocated, and their inputs are
-``jax.ShapeDtypeStruct``\\ s: ``optax_gc.nnx_output_axes`` only traces (``jax.make_jaxpr``) and
-walks the jaxpr. Timed: the wall time of one call, ``--repeats`` times in one process; the first
+``jax.ShapeDtypeStruct``\\ s: ``optax_gc.nnx_output_axes`` and ``optax_gc.nnx_layout`` only
+trace (``jax.make_jaxpr``) and walk the jaxpr; each is timed. Timed: the wall time of one
+call, ``--repeats`` times in one process; the first
 call is reported apart (it pays JAX's one-off tracing caches). Target: <= 2 s per model on
 2 CPU cores.
 
@@ -90,18 +91,22 @@ MODELS: dict[str, Callable[[], tuple[nnx.Module, tuple[Any, ...], dict[str, Any]
 }
 
 
-def time_inference(name: str, repeats: int) -> dict[str, Any]:
-  """Times ``nnx_output_axes`` on the named abstract model; returns a result row."""
+INFERENCES = {"output_axes": optax_gc.nnx_output_axes, "layout": optax_gc.nnx_layout}
+
+
+def time_inference(name: str, repeats: int, what: str = "output_axes") -> dict[str, Any]:
+  """Times ``nnx_output_axes`` (or ``nnx_layout``) on the named abstract model; returns a row."""
   model, args, kwargs = MODELS[name]()
   times, spec = [], None
   for _ in range(repeats + 1):
     start = time.perf_counter()
-    spec = optax_gc.nnx_output_axes(model, *args, **kwargs)
+    spec = INFERENCES[what](model, *args, **kwargs)
     times.append(time.perf_counter() - start)
   leaves = jax.tree.leaves(spec, is_leaf=lambda x: x is None or isinstance(x, tuple))
   params = jax.tree.leaves(nnx.state(model, nnx.Param))
   return {
       "model": name,
+      "inference": what,
       "parameters": int(sum(p.size for p in params)),
       "leaves": len(leaves),
       "centralized_leaves": sum(x is not None for x in leaves),
@@ -117,12 +122,14 @@ def time_inference(name: str, repeats: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   p.add_argument("--models", default=",".join(MODELS))
+  p.add_argument("--inferences", default=",".join(INFERENCES))
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--json", default=None, help="write the results here")
   a = p.parse_args(argv)
-  rows = [time_inference(m, a.repeats) for m in a.models.split(",") if m]
-  cols = ["model", "parameters", "leaves", "centralized_leaves", "first_s", "median_s", "max_s",
-          "met"]
+  rows = [time_inference(m, a.repeats, what) for m in a.models.split(",") if m
+          for what in a.inferences.split(",") if what]
+  cols = ["model", "inference", "parameters", "leaves", "centralized_leaves", "first_s",
+          "median_s", "max_s", "met"]
   _bench.print_table(cols, [[f"{r[c]:.3f}" if c.endswith("_s") else r[c] for c in cols]
                             for r in rows])
   payload = {"machine": _bench.machine(), "rows": rows}

@@ -9,3 +9,9 @@ def test_gpt2_small_row():
   # 12 blocks x (query, key, value, out, fc, proj) kernels; the tied table is overridden.
   assert (row["leaves"], row["centralized_leaves"]) == (196, 72)
   assert 0 < row["median_s"] <= row["max_s"]
+
+
+def test_gpt2_small_layout_row():
+  row = infer_speed.time_inference("gpt2_small", repeats=1, what="layout")
+  assert row["inference"] == "layout"
+  assert (row["leaves"], row["centralized_leaves"]) == (196, 72)
