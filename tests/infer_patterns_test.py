@@ -89,6 +89,8 @@ def test_perceiver_latents_and_detr_queries():
   params = {"latents": _random((3, 6)), "wq": _random((6, 4), 1), "wk": _random((6, 4), 2)}
   spec = optax_gc.infer_output_axes(cross_attention_q, params, _input(2, 5, 6))
   assert spec == {"latents": None, "wq": (1,), "wk": (1,)}
+  # A batch of one still adds an axis that no parameter runs along.
+  assert optax_gc.infer_output_axes(cross_attention_q, params, _input(1, 5, 6)) == spec
   want = _truth.leaf_output_axes(lambda p, x: jnp.broadcast_to(
       p["latents"], (x.shape[0], 3, 6)) @ p["wq"], params, "wq", _random((2, 5, 6)))
   assert want == (1,)

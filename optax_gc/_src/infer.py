@@ -259,9 +259,14 @@ class _Interpreter:
       return here
     return next((w for w in reversed(self._outer) if w), "")
 
-  def runs_along_parameter(self, info: _Info, axis: int) -> bool:
-    """Whether some parameter axis with more than one entry runs along ``axis`` of the value."""
-    return any(self.shapes[p][a] > 1 for p, o in info.origins.items() for a in o.dims[axis])
+  def is_new_axis(self, info: _Info, axis: int, size: int) -> bool:
+    """Whether ``axis`` of the value is its own: no parameter axis runs along it.
+
+    That is an axis made by a broadcast (of any size, a batch of one included), or one of
+    several entries along which only parameter axes of one entry run (a tiled size-1 axis).
+    """
+    along = [self.shapes[p][a] for p, o in info.origins.items() for a in o.dims[axis]]
+    return not along or (size > 1 and max(along) == 1)
 
   # -- recording ---------------------------------------------------------------------------------
 
@@ -802,9 +807,9 @@ def _contract(interp: _Interpreter, eqn: Any, ins: list[_Info], contracting: Seq
               out_dims: Callable[[int, _Origin], tuple[Axes, ...]]) -> list[_Info]:
   """A bilinear op: a parameter side meeting activations is a use; between parameters, a value.
 
-  Between two parameter values, one side is the other's *input* when it runs along an axis of
-  its own, with more than one entry, that no parameter axis runs along and that stays free: a
-  batch it was broadcast or tiled to, as a learned query, latent array or class token is. The
+  Between two parameter values, one side is the other's *input* when it has an axis of its own
+  that stays free: an axis that no parameter axis (of more than one entry) runs along, a batch
+  it was broadcast or tiled to, as a learned query, latent array or class token is. The
   other side's contracting axes are then its fan-in, as with any input, the result counts as
   activations, and the input side is left alone. LoRA's ``A @ B`` and a weight scaled by a norm
   have no such axis: their product is a parameter value, used where it meets the activations.
@@ -813,8 +818,7 @@ def _contract(interp: _Interpreter, eqn: Any, ins: list[_Info], contracting: Seq
   sides = list(zip(ins, contracting, batch, strict=True))
   if not any(i.tainted for i in ins):
     inputs = [k for k, (info, f) in enumerate(zip(ins, free, strict=True)) if info.origins and any(
-        eqn.invars[k].aval.shape[d] > 1 and not interp.runs_along_parameter(info, d)
-        for d in f)]
+        interp.is_new_axis(info, d, eqn.invars[k].aval.shape[d]) for d in f)]
     if len(inputs) == 1 and all(i.origins for i in ins):
       learned = ins[inputs[0]]
       for p in learned.origins:
