@@ -358,7 +358,9 @@ def centralize(
       an Equinox module is, is still a tree), or a callable
       ``params -> such a pytree`` (called on the updates when ``update`` gets
       no params). :func:`optax_gc.infer_output_axes` returns such a pytree. An
-      integer array (as ``optax.inject_hyperparams`` passes it) is accepted too.
+      integer array (as ``optax.inject_hyperparams`` passes it) is accepted too,
+      and so is an :class:`optax_gc.Layout` (its ``output`` and ``stack`` axes),
+      so that a tree from :func:`optax_gc.infer_layout` serves GC and Muon alike.
     min_ndim: leaves of lower rank pass through. ``2`` is the paper's GC
       (dense and conv kernels); ``3`` is GCC (conv kernels only).
     mask: a pytree of bools (a prefix of the updates' structure, as for
