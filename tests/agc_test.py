@@ -171,6 +171,21 @@ class UnitsFromTheModelTest(chex.TestCase):
                                  err_msg=str((shape, keep)))
 
 
+class LayoutSpecTest(chex.TestCase):
+
+  def test_layout_leaf_is_its_output_and_stack_axes(self):
+    # A scanned (layers, in, out) stack: units along layers and out, for AGC and for GC.
+    params, grads = {"w": _draw((3, 4, 5), 0)}, {"w": _draw((3, 4, 5), 1)}
+    layout = {"w": optax_gc.Layout(fan_in=(1,), output=(2,), stack=(0,))}
+    for tx, by_spec in ((optax_gc.adaptive_grad_clip(1.0, layout),
+                         optax_gc.adaptive_grad_clip(1.0, {"w": (0, 2)})),
+                        (optax_gc.centralize(layout), optax_gc.centralize({"w": (0, 2)}))):
+      chex.assert_trees_all_close(_apply(tx, grads, params), _apply(by_spec, grads, params))
+    np.testing.assert_allclose(_apply(optax_gc.adaptive_grad_clip(1.0, layout), grads,
+                                      params)["w"],
+                               _np_agc(grads["w"], params["w"], (0, 2), 1.0), rtol=1e-5)
+
+
 class PassThroughAndErrorsTest(chex.TestCase):
 
   def test_pass_through_leaves(self):
