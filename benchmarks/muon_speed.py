@@ -6,7 +6,7 @@ Commands (JAX's default backend, so the same line runs on CPU or GPU)::
   python -m benchmarks.muon_speed --quick              # fewer rounds (CPU: ~1.5 min)
   python -m benchmarks.muon_speed --models vit_tiny,resnet20 --json docs/bench/muon_cpu.json
 
-A whole jitted forward + backward + update of the example's model (``overhead.make_train_step``,
+A whole jitted forward + backward + update of the example's model (``overhead.train_step_runner``,
 ``nnx.Optimizer``, state donated), timed in interleaved rounds, for:
 
 - ``adamw``: ``optax.adamw(1e-3, weight_decay=1e-4)``, the baseline;
@@ -32,7 +32,7 @@ from flax import nnx
 
 import optax_gc
 from benchmarks import _bench
-from benchmarks.overhead import make_train_step
+from benchmarks.overhead import train_step_runner
 
 __all__ = ["layout_of", "main", "muon_step_bench"]
 
@@ -84,18 +84,7 @@ def muon_step_bench(models: list[str], *, batch: int, rounds: int, iters: int
     txs, counts = _optimizers(model)
     runners, compile_s = {}, {}
     for name, tx in txs.items():
-      step, state = make_train_step(model, tx, 10)
-      box = [state]
-
-      def run(step=step, box=box):
-        box[0], loss = step(box[0], images, labels)
-        return loss
-
-      t0 = time.perf_counter()
-      jax.block_until_ready(run())
-      compile_s[name] = time.perf_counter() - t0
-      jax.block_until_ready(run())
-      runners[name] = run
+      runners[name], compile_s[name] = train_step_runner(model, tx, images, labels)
     t = _bench.interleaved(runners, rounds=rounds, iters=iters)
     row = {"model": model, "batch": batch, "adamw_ms": 1e3 * float(np.median(t["adamw"])),
            "ratio_to_adamw": {n: _bench.ratio_stats(t[n], t["adamw"]) for n in VARIANTS[1:]},

@@ -39,7 +39,7 @@ def _dimension_numbers(path: Any, leaf: Any, layout: Layout | None, exclude_head
   if layout is None or _is_passthrough_node(leaf):
     return None
   shape = tuple(getattr(leaf, "shape", np.shape(leaf)))
-  dtype = getattr(leaf, "dtype", None) or np.result_type(leaf)
+  dtype = leaf.dtype if hasattr(leaf, "dtype") else np.result_type(leaf)
   where = _describe(path, leaf)
   groups = {name: _axes(getattr(layout, name), len(shape), name, where)
             for name in ("fan_in", "output", "stack")}
