@@ -235,6 +235,14 @@ class PassThroughAndErrorsTest(chex.TestCase):
     chex.assert_trees_all_close(out, _apply(optax_gc.adaptive_grad_clip(1.0, spec), grads,
                                             params), rtol=1e-6)
 
+  def test_inject_hyperparams_int_axis(self):
+    # An injected int output_axis arrives as a traced array: one branch per axis.
+    params, grads = {"w": _draw((3, 4, 5), 0)}, {"w": _draw((3, 4, 5), 1)}
+    tx = optax.inject_hyperparams(optax_gc.adaptive_grad_clip)(clipping=1.0, output_axis=1)
+    out = jax.jit(lambda g, s, p: tx.update(g, s, p)[0])(grads, tx.init(params), params)
+    np.testing.assert_allclose(out["w"], _np_agc(grads["w"], params["w"], (1,), 1.0),
+                               rtol=1e-5, atol=1e-6)
+
 
 # Real layers of each framework: the inferred spec's clip equals the NumPy reference on the
 # hand-written table that real_layers_test checks against each layer's Jacobian.

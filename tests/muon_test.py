@@ -300,6 +300,19 @@ def test_real_layers_equal_reference(name):
     np.testing.assert_allclose(got[k], want[k], rtol=2e-5, atol=2e-6, err_msg=f"{name}: {k}")
 
 
+@pytest.mark.parametrize("name", ["nnx_embed_lookup", "linen_embed_lookup",
+                                  "haiku_embed_array_index", "eqx_embedding"])
+def test_lookup_tables_go_to_adam(name):
+  """A table used only by a lookup has no layout by default, so Muon's Adam gets it."""
+  layer = rl.build(name)
+  layout = optax_gc.infer_layout(layer.fn, layer.params, *layer.args)
+  dims = optax_gc.muon_dimension_numbers(layout, layer.params)
+  resolved = dims(layer.params) if name.startswith("eqx") else dims
+  assert list(jax.tree.leaves(resolved, is_leaf=lambda x: isinstance(x, Dims))) == []
+  (table,) = jax.tree.leaves(layer.params)
+  assert np.ndim(table) == 2  # so Optax's own default rule would put it on Muon
+
+
 def test_nnx_optimizer():
   """nnx.Optimizer with GC and Muon on the pure state's layout, against the functional step."""
   from flax import nnx
