@@ -1,7 +1,8 @@
 """Adaptive gradient clipping (AGC) over each output unit's true fan-in.
 
 The units are those of :func:`optax_gc.centralize`, from the same ``output_axis`` spec, so the
-axes read from the model by :func:`optax_gc.infer_output_axes` serve both.
+axes read from the model by :func:`optax_gc.infer_output_axes` (or the layout from
+:func:`optax_gc.infer_layout`) serve both.
 """
 
 import functools
