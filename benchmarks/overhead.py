@@ -56,7 +56,7 @@ from flax import nnx
 import optax_gc
 from benchmarks import _bench
 
-__all__ = ["param_tree", "optimizer_step_bench", "train_step_bench", "main"]
+__all__ = ["param_tree", "optimizer_step_bench", "train_step_bench", "train_step_runner", "main"]
 
 FLOOR_TARGET, TRAIN_TARGET = 1.0, 1.02
 """GC's extra time in a standalone step, in floors (one read pass); a whole train step's ratio."""
@@ -292,6 +292,23 @@ def make_train_step(model_name: str, tx: optax.GradientTransformation, num_class
   return step, state
 
 
+def train_step_runner(model_name: str, tx: optax.GradientTransformation, images: jax.Array,
+                      labels: jax.Array, num_classes: int = 10) -> tuple[Callable[[], Any], float]:
+  """``(run, compile_s)``: ``run()`` takes one train step on the fixed batch, already compiled."""
+  step, state = make_train_step(model_name, tx, num_classes)
+  box = [state]
+
+  def run():
+    box[0], loss = step(box[0], images, labels)
+    return loss
+
+  t0 = time.perf_counter()
+  jax.block_until_ready(run())
+  compile_s = time.perf_counter() - t0
+  jax.block_until_ready(run())
+  return run, compile_s
+
+
 def train_step_bench(
     models: list[str], *, batch: int, rounds: int, iters: int,
     optimizers: tuple[str, ...] = ("gc_sgd_wd",),
@@ -306,18 +323,7 @@ def train_step_bench(
     txs = {name: variants[opt_name][name] for name in ("plain", "optax_gc")}
     runners = {}
     for name, make in txs.items():
-      step, state = make_train_step(model, make(), 10)
-      box = [state]
-
-      def run(step=step, box=box):
-        box[0], loss = step(box[0], images, labels)
-        return loss
-
-      t0 = time.perf_counter()
-      jax.block_until_ready(run())
-      compile_s = time.perf_counter() - t0
-      jax.block_until_ready(run())
-      runners[name] = run
+      runners[name], compile_s = train_step_runner(model, make(), images, labels)
     t = _bench.interleaved(runners, rounds=rounds, iters=iters)
     row = {
         "model": model,

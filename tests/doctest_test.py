@@ -5,9 +5,9 @@ import doctest
 import pytest
 
 import optax_gc
-from optax_gc._src import alias, centralize, compat, flax_nnx, infer
+from optax_gc._src import agc, alias, centralize, compat, flax_nnx, infer, muon
 
-_MODULES = [optax_gc, centralize, alias, infer, flax_nnx, compat]
+_MODULES = [optax_gc, centralize, alias, infer, flax_nnx, compat, agc, muon]
 
 
 @pytest.mark.parametrize("module", _MODULES, ids=lambda m: m.__name__)
@@ -21,8 +21,9 @@ def test_docstring_examples(module):
 
 def test_public_api():
   assert sorted(optax_gc.__all__) == [
-      "Layout", "centralize", "gc_adam", "gc_adamw", "gc_removed_fraction", "gc_sgd",
-      "infer_layout", "infer_output_axes", "nnx_layout", "nnx_output_axes",
+      "Layout", "adaptive_grad_clip", "centralize", "gc_adam", "gc_adamw",
+      "gc_removed_fraction", "gc_sgd", "infer_layout", "infer_output_axes",
+      "muon_dimension_numbers", "nnx_layout", "nnx_output_axes",
   ]
   for name in optax_gc.__all__:
     obj = getattr(optax_gc, name)

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_gc._src.infer import Layout
+
 AxisSpec: TypeAlias = int | tuple[int, ...] | None
 OutputAxis: TypeAlias = AxisSpec | Any | Callable[[optax.Params], Any]
 Mask: TypeAlias = Any | Callable[[optax.Params], Any] | None
@@ -25,8 +27,8 @@ def _is_passthrough_node(x: Any) -> bool:
 
 
 def _is_axis_leaf(x: Any) -> bool:
-  """Leaves of an ``output_axis`` tree: ``None``, an int, a tuple of ints, an array."""
-  if x is None or isinstance(x, (int, np.integer, jax.Array, np.ndarray)):
+  """Leaves of an ``output_axis`` tree: ``None``, an int, a tuple of ints, an array, a Layout."""
+  if x is None or isinstance(x, Layout) or isinstance(x, (int, np.integer, jax.Array, np.ndarray)):
     return True
   return isinstance(x, tuple) and all(isinstance(a, (int, np.integer)) for a in x)
 
@@ -109,6 +111,9 @@ def _is_pytree_leaf(x: Any, is_leaf: Callable[[Any], bool] | None = None) -> boo
   return jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(x, is_leaf=is_leaf))
 
 
+_EXPECTED = {"output_axis": "an int, a tuple of ints, None", "layout": "an optax_gc.Layout, None"}
+
+
 def _check_spec_type(spec: Any, name: str) -> None:
   """Raises a clear error for a whole-tree spec of the wrong type (a list of ints, a float)."""
   if name == "output_axis" and isinstance(spec, list) and spec and all(
@@ -119,7 +124,7 @@ def _check_spec_type(spec: Any, name: str) -> None:
         f"entry per leaf, not as a set of axes. Write the tuple {tuple(spec)!r}."
     )
   if _is_pytree_leaf(spec):
-    expected = "an int, a tuple of ints, None" if name == "output_axis" else "a bool, None"
+    expected = _EXPECTED.get(name, "a bool, None")
     raise ValueError(
         f"optax_gc: `{name}` must be {expected}, a pytree of those with the structure of "
         f"the updates, or a callable params -> such a pytree; got {spec!r} "
@@ -135,18 +140,18 @@ def _normalize_axes(axis: Any, path: Any, leaf: jax.Array) -> tuple[int, ...]:
   for a in axes:
     if isinstance(a, bool) or not isinstance(a, (int, np.integer)):
       raise ValueError(
-          f"optax_gc.centralize: output_axis entries must be ints, got {a!r} for "
+          f"optax_gc: output_axis entries must be ints, got {a!r} for "
           f"{_describe(path, leaf)}."
       )
     if not -ndim <= a < ndim:
       raise ValueError(
-          f"optax_gc.centralize: output_axis {axis!r} is out of range for "
+          f"optax_gc: output_axis {axis!r} is out of range for "
           f"{_describe(path, leaf)} (rank {ndim})."
       )
     out.append(int(a) % ndim)
   if len(set(out)) != len(out):
     raise ValueError(
-        f"optax_gc.centralize: output_axis {axis!r} names the same axis twice "
+        f"optax_gc: output_axis {axis!r} names the same axis twice "
         f"for {_describe(path, leaf)}."
     )
   return tuple(sorted(out))
@@ -213,7 +218,7 @@ def _traced_axis_leaf(
   """
   if np.ndim(axis) != 0 or not jnp.issubdtype(axis.dtype, jnp.integer):
     raise ValueError(
-        f"optax_gc.centralize: an array output_axis must be an integer scalar, got "
+        f"optax_gc: an array output_axis must be an integer scalar, got "
         f"shape {np.shape(axis)} dtype {axis.dtype} for {_describe(path, g)}."
     )
   if not isinstance(axis, jax.core.Tracer):
@@ -253,12 +258,27 @@ def _map_leaves(
     mask: Mask,
 ) -> Any:
   """Maps ``fn(g, reduced_axes)`` over the leaves GC acts on, ``default`` elsewhere."""
+  paths_leaves, treedef, axes, masks = leaf_specs(updates, params, output_axis, min_ndim, mask)
+  out = [
+      _apply_leaf(fn, g, a, m, default, path, min_ndim)
+      for (path, g), a, m in zip(paths_leaves, axes, masks, strict=True)
+  ]
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def leaf_specs(
+    updates: Any, params: Any, output_axis: OutputAxis, min_ndim: int, mask: Mask
+) -> tuple[list[tuple[Any, Any]], Any, list[Any], list[Any]]:
+  """``(paths_leaves, treedef, axes, masks)``: the updates' leaves and one spec and mask each."""
   if isinstance(min_ndim, bool) or not isinstance(min_ndim, int) or min_ndim < 1:
     raise ValueError(f"optax_gc: min_ndim must be an int >= 1, got {min_ndim!r}.")
   paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(
       updates, is_leaf=_is_passthrough_node
   )
-  axes = _per_leaf(output_axis, updates, params, paths_leaves, "output_axis", _is_axis_leaf)
+  axes = [
+      tuple(sorted(a.output + a.stack)) if isinstance(a, Layout) else a
+      for a in _per_leaf(output_axis, updates, params, paths_leaves, "output_axis", _is_axis_leaf)
+  ]
   masks = (
       [True] * len(axes)
       if mask is None
@@ -267,11 +287,7 @@ def _map_leaves(
           lambda x: x is None or isinstance(x, (bool, np.bool_)),
       )
   )
-  out = [
-      _apply_leaf(fn, g, a, m, default, path, min_ndim)
-      for (path, g), a, m in zip(paths_leaves, axes, masks, strict=True)
-  ]
-  return jax.tree_util.tree_unflatten(treedef, out)
+  return paths_leaves, treedef, axes, masks
 
 
 def map_centralized(
@@ -342,7 +358,9 @@ def centralize(
       an Equinox module is, is still a tree), or a callable
       ``params -> such a pytree`` (called on the updates when ``update`` gets
       no params). :func:`optax_gc.infer_output_axes` returns such a pytree. An
-      integer array (as ``optax.inject_hyperparams`` passes it) is accepted too.
+      integer array (as ``optax.inject_hyperparams`` passes it) is accepted too,
+      and so is an :class:`optax_gc.Layout` (its ``output`` and ``stack`` axes),
+      so that a tree from :func:`optax_gc.infer_layout` serves GC and Muon alike.
     min_ndim: leaves of lower rank pass through. ``2`` is the paper's GC
       (dense and conv kernels); ``3`` is GCC (conv kernels only).
     mask: a pytree of bools (a prefix of the updates' structure, as for
