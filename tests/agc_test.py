@@ -131,8 +131,11 @@ class MatchesOptaxTest(chex.TestCase):
   def test_conv3d_equals_optax(self):
     params = {"w": _draw((2, 2, 2, 3, 4), 0)}
     grads = {"w": _draw((2, 2, 2, 3, 4), 1)}
-    chex.assert_trees_all_close(_apply(optax_gc.adaptive_grad_clip(1.0), grads, params),
-                                _apply(optax.adaptive_grad_clip(1.0), grads, params),
+    try:
+      want = _apply(optax.adaptive_grad_clip(1.0), grads, params)
+    except ValueError as e:  # optax <= 0.2.4 clips kernels of rank <= 4 only
+      self.skipTest(f"this optax's adaptive_grad_clip refuses a rank-5 kernel: {e}")
+    chex.assert_trees_all_close(_apply(optax_gc.adaptive_grad_clip(1.0), grads, params), want,
                                 rtol=1e-6)
 
 
