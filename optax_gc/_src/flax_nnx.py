@@ -67,7 +67,14 @@ def nnx_output_axes(
     Technique for Deep Neural Networks <https://arxiv.org/abs/2004.01461>`_,
     ECCV 2020.
   """
-  from flax import nnx  # Lazy: flax is not a dependency of the library.
+  try:
+    from flax import nnx  # Lazy: flax is not a dependency of the library.
+  except ImportError as e:
+    raise ModuleNotFoundError(
+        f"optax_gc.nnx_output_axes needs Flax, which could not be imported ({e}): install it "
+        "with `pip install flax`. Without Flax, give optax_gc.infer_output_axes a function "
+        "of the parameters."
+    ) from e
 
   wrt = nnx.Param if wrt is None else wrt
   graphdef, params, rest = nnx.split(model, wrt, ...)
