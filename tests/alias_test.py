@@ -246,7 +246,7 @@ class OptaxArgumentsTest(parameterized.TestCase):
 
   @parameterized.named_parameters(*_ALIASES)
   def test_signature_starts_with_optax_s(self, ours, theirs):
-    # Names, order, kinds and defaults, against the installed Optax (the same from 0.2.4 on).
+    # Names, order, kinds and defaults, against the installed Optax (the same from Optax 0.1.9 on).
     described = lambda fn: [(p.name, p.kind, p.default) for p in _parameters(fn)]  # noqa: E731
     n = len(_parameters(theirs))
     self.assertEqual(described(ours)[:n], described(theirs))

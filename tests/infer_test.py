@@ -25,7 +25,7 @@ W = jnp.ones((6, 4))  # a dense kernel (in=6, out=4)
 
 
 # Explicit-axes sharding (AxisType, set_mesh, reshard) and jax.shard_map are newer than the
-# oldest JAX the library supports (0.4.30): their tests skip there.
+# oldest JAX the library supports (0.4.27): their tests skip there.
 _NEEDS_EXPLICIT_SHARDING = pytest.mark.skipif(
     not (hasattr(jax.sharding, "AxisType") and hasattr(jax.sharding, "set_mesh")
          and hasattr(jax, "shard_map")),
