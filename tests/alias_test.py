@@ -6,6 +6,8 @@ axes ``1..n``. Our optimizers run on the same tree in Flax layout
 ``(kh, kw, in, out)`` / ``(in, out)``; results are transposed back to compare.
 """
 
+import inspect
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -224,6 +226,131 @@ class AgainstReferenceTest(parameterized.TestCase):
   def test_returns_extra_args_transformations(self):
     for tx in (optax_gc.gc_sgd(0.1), optax_gc.gc_adam(0.1), optax_gc.gc_adamw(0.1)):
       self.assertIsInstance(tx, optax.GradientTransformationExtraArgs)
+
+
+_ALIASES = (("sgd", optax_gc.gc_sgd, optax.sgd), ("adam", optax_gc.gc_adam, optax.adam),
+            ("adamw", optax_gc.gc_adamw, optax.adamw))
+
+
+def _parameters(fn):
+  return list(inspect.signature(fn).parameters.values())
+
+
+def _schedulable(fn):
+  """The arguments that ``fn`` types as a scalar or a schedule."""
+  return [p.name for p in _parameters(fn) if p.annotation == optax.ScalarOrSchedule]
+
+
+class OptaxArgumentsTest(parameterized.TestCase):
+  """Each alias takes its Optax counterpart's arguments first, as Optax takes them."""
+
+  @parameterized.named_parameters(*_ALIASES)
+  def test_signature_starts_with_optax_s(self, ours, theirs):
+    # Names, order, kinds and defaults, against the installed Optax (the same from Optax 0.1.9 on).
+    described = lambda fn: [(p.name, p.kind, p.default) for p in _parameters(fn)]  # noqa: E731
+    n = len(_parameters(theirs))
+    self.assertEqual(described(ours)[:n], described(theirs))
+    # Then the paper's extras and the GC options, keyword-only.
+    extras = _parameters(ours)[n:]
+    self.assertIn("output_axis", [p.name for p in extras])
+    self.assertTrue(all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in extras), extras)
+    # Whatever Optax types as a scalar or a schedule, the alias does too.
+    self.assertContainsSubset(_schedulable(theirs), _schedulable(ours))
+
+  def test_schedulable_arguments(self):
+    self.assertEqual({name: _schedulable(ours) for name, ours, _ in _ALIASES},
+                     {"sgd": ["learning_rate", "weight_decay"],
+                      "adam": ["learning_rate", "weight_decay"],
+                      "adamw": ["learning_rate", "weight_decay"]})
+
+  @parameterized.named_parameters(
+      ("sgd_no_momentum", optax_gc.gc_sgd, optax.sgd, dict(learning_rate=0.1)),
+      ("sgd", optax_gc.gc_sgd, optax.sgd,
+       dict(learning_rate=0.1, momentum=0.9, nesterov=True, accumulator_dtype=jnp.bfloat16)),
+      ("adam", optax_gc.gc_adam, optax.adam,
+       dict(learning_rate=0.1, b1=0.8, b2=0.9, eps=1e-3, eps_root=1e-4, mu_dtype=jnp.bfloat16,
+            nesterov=True)),
+      ("adamw", optax_gc.gc_adamw, optax.adamw,
+       dict(learning_rate=0.1, b1=0.8, b2=0.9, eps=1e-3, eps_root=1e-4, mu_dtype=jnp.bfloat16,
+            weight_decay=0.5, mask={"conv": True, "dense": False, "bias": True}, nesterov=True)),
+  )
+  def test_without_gc_the_alias_is_optax_s(self, ours, theirs, kwargs):
+    # output_axis=None: no GC at all, so every Optax argument must reach Optax's own math.
+    params = {k: jnp.asarray(v) for k, v in _flax_params().items()}
+    txs = [ours(**kwargs, output_axis=None), theirs(**kwargs)]
+    states = [tx.init(params) for tx in txs]
+    for t in range(3):
+      grads = {k: jnp.asarray(v) for k, v in _grads(_flax_params(), t).items()}
+      (a, states[0]), (b, states[1]) = (
+          tx.update(grads, s, params) for tx, s in zip(txs, states, strict=True))
+      chex.assert_trees_all_equal(a, b)
+    # The same buffers: none without momentum (as optax.sgd), the momentum in its dtype.
+    self.assertEqual(sorted(str(x.dtype) for x in jax.tree.leaves(states[0])),
+                     sorted(str(x.dtype) for x in jax.tree.leaves(states[1])))
+
+  def test_momentum_zero_keeps_the_buffer_none_does_not(self):
+    params = {"w": jnp.ones((3, 2))}
+    self.assertEqual(jax.tree.leaves(optax_gc.gc_sgd(0.1).init(params)), [])
+    self.assertLen(jax.tree.leaves(optax_gc.gc_sgd(0.1, momentum=0.0).init(params)), 1)
+
+  def test_a_weight_decay_in_accumulator_dtype_s_place_is_named(self):
+    with self.assertRaisesRegex(TypeError, r"accumulator_dtype=0.0005 is a number.*"
+                                r"write weight_decay=0.0005"):
+      optax_gc.gc_sgd(0.1, 0.9, False, 5e-4)
+
+
+_SCHEDULED = (
+    ("sgd", optax_gc.gc_sgd, dict(momentum=0.9)),
+    ("sgd_no_momentum", optax_gc.gc_sgd, {}),
+    ("adam", optax_gc.gc_adam, {}),
+    ("adam_update", optax_gc.gc_adam, dict(centralize_update=True)),
+    ("adamw", optax_gc.gc_adamw, {}),
+    ("adamw_update", optax_gc.gc_adamw, dict(centralize_update=True)),
+    ("adamw_update_masked", optax_gc.gc_adamw,
+     dict(centralize_update=True, mask={"conv": True, "dense": False, "bias": False})),
+)
+
+
+class ScheduleTest(parameterized.TestCase):
+  """Every scalar-or-schedule argument takes a schedule, read at the step count."""
+
+  @parameterized.named_parameters(
+      (f"{case}_{arg}", alias, kwargs, arg)
+      for case, alias, kwargs in _SCHEDULED for arg in _schedulable(alias)
+  )
+  def test_schedule_is_its_value_at_each_step(self, alias, kwargs, arg):
+    values = {"learning_rate": 0.1, "weight_decay": 0.05}
+    constant = alias(**{**values, **kwargs})
+    # 0.05 at step 0, then 0.1 at step 1: the first update matches the constant's, the second
+    # does not.
+    schedule = optax.linear_schedule(values[arg], 3 * values[arg], transition_steps=2)
+    scheduled = alias(**{**values, **kwargs, arg: schedule})
+    params = {k: jnp.asarray(v) for k, v in _flax_params().items()}
+    s_const, s_sched = constant.init(params), scheduled.init(params)
+    for t in range(2):
+      grads = {k: jnp.asarray(v) for k, v in _grads(_flax_params(), t).items()}
+      a, s_const = jax.jit(constant.update)(grads, s_const, params)
+      b, s_sched = jax.jit(scheduled.update)(grads, s_sched, params)
+      if t == 0:
+        chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-7)
+      else:
+        self.assertFalse(np.allclose(a["conv"], b["conv"], rtol=1e-3), (arg, a["conv"]))
+      params = optax.apply_updates(params, a)
+
+  def test_coupled_weight_decay_schedule_is_centralized(self):
+    # gc_sgd(weight_decay=schedule): the decay is added before GC, so each step's update of a
+    # kernel keeps its fan-in sums: -lr * Phi(g + wd(t) p).
+    params = {k: jnp.asarray(v) for k, v in _flax_params().items()}
+    grads = {k: jnp.asarray(v) for k, v in _grads(_flax_params(), 0).items()}
+    tx = optax_gc.gc_sgd(0.1, weight_decay=lambda count: 0.5 * (count + 1))
+    state = tx.init(params)
+    for t in range(2):
+      u, state = tx.update(grads, state, params)
+      wd = 0.5 * (t + 1)
+      want = _to_flax({k: -0.1 * _torch_gc(v, False) for k, v in _to_torch(
+          {k: grads[k] + wd * params[k] for k in params}).items()})
+      chex.assert_trees_all_close({k: np.asarray(v, np.float64) for k, v in u.items()}, want,
+                                  rtol=1e-5, atol=1e-6)
 
 
 def _fan_in_sums(params):

@@ -423,6 +423,60 @@ class ErrorTest(chex.TestCase):
                   "leaf ['b'] with shape (3, 3)"),
     )
 
+  def test_a_list_inside_a_spec_tree_names_the_leaf_and_the_tuple(self):
+    tree = {"dense": {"kernel": jnp.ones((4, 2, 3)), "bias": jnp.ones(3)}}
+    self._assert_trace_error(
+        optax_gc.centralize({"dense": {"kernel": [1, 2], "bias": None}}), tree,
+        re.escape("at leaf ['dense']['kernel'] with shape (4, 2, 3): the `output_axis` tree has "
+                  "the list [1, 2] there") + ".*" + re.escape("write the tuple (1, 2)."),
+    )
+
+  def test_spec_with_an_extra_entry(self):
+    tree = {"a": jnp.ones((2, 2))}
+    self._assert_trace_error(optax_gc.centralize({"a": -1, "b": 0}), tree,
+                             re.escape("it has an entry at ['b'], where the updates have none"))
+
+  def test_mask_entry_must_be_a_bool(self):
+    # Optax masks hold one bool per leaf; an array of bools is not a per-element mask.
+    tree = {"w": jnp.ones((2, 3))}
+    self._assert_trace_error(
+        optax_gc.centralize(mask={"w": jnp.array([True, False])}), tree,
+        re.escape("`mask` entries must be a bool or None, one per leaf or sub-tree; got an "
+                  "array of shape (2,) and dtype bool for leaf ['w'] with shape (2, 3)."),
+    )
+    out, _ = _apply(optax_gc.centralize(mask={"w": np.bool_(False)}), tree)
+    np.testing.assert_array_equal(out["w"], tree["w"])
+
+  def test_no_error_prints_array_values(self):
+    # Distinctive values: none of them, and no array repr, may appear in any message.
+    params = {"dense": {"kernel": jnp.full((3, 4), 7.25), "bias": jnp.full((4,), 3.5)}}
+    specs = [
+        dict(output_axis={"dense": {"kernel": [0, 1], "bias": None}}),
+        dict(output_axis=[params]),  # a top-level list holding the params themselves
+        dict(output_axis=[0, 1]),
+        dict(output_axis={"dense": [1]}),
+        dict(output_axis={"dense": {"kernel": (0, 1.5), "bias": None}}),
+        dict(output_axis={"dense": {"kernel": 1}}),
+        dict(output_axis={"dense": {"kernel": jnp.full((2,), 6.75), "bias": None}}),
+        dict(output_axis=lambda p: {"dense": {"kernel": [1], "bias": None}}),
+        dict(output_axis=np.full((2,), 6.75)),
+        dict(output_axis=1.5),
+        dict(mask={"dense": {"kernel": [True], "bias": None}}),
+        dict(mask=[params]),
+        dict(mask={"dense": {"kernel": jnp.array([True, False]), "bias": True}}),
+        dict(mask=np.array([True, False])),
+        dict(mask=0.5),
+        dict(min_ndim=jnp.array(7)),
+    ]
+    for kwargs in specs:
+      with self.subTest(**{k: type(v).__name__ for k, v in kwargs.items()}):
+        with self.assertRaises(ValueError) as e:
+          optax_gc.centralize(**kwargs).init(params)
+        msg = str(e.exception)
+        for value in ("7.25", "3.5", "6.75", "Array(", "array(", "True, False"):
+          self.assertNotIn(value, msg)
+        self.assertLess(len(msg), 400, msg)
+
   def test_bad_min_ndim(self):
     self._assert_trace_error(optax_gc.centralize(min_ndim=0), {"a": jnp.ones((2, 2))}, "min_ndim")
 

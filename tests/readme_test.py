@@ -15,8 +15,6 @@ import pytest
 
 import optax_gc
 
-nnx = pytest.importorskip("flax.nnx", reason="the README's examples use Flax NNX")
-
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -40,7 +38,16 @@ def _normalize(text: str) -> str:
                    for line in text.strip().splitlines())
 
 
+def test_the_first_example_needs_only_jax_and_optax():
+  lang, code, _ = _blocks(README.read_text())[0]
+  assert lang == "python" and "flax" not in code
+  namespace: dict = {}
+  exec(compile(code, "README.md block 0", "exec"), namespace)  # noqa: S102
+  assert namespace["spec"] == {"q": (1, 2), "q_bias": None, "out": (2,)}
+
+
 def test_readme_python_blocks_run_and_print_what_they_say():
+  nnx = pytest.importorskip("flax.nnx", reason="the README's other examples use Flax NNX")
   os.environ.setdefault("KERAS_BACKEND", "jax")
   blocks = _blocks(README.read_text())
   namespace: dict = {}
@@ -67,3 +74,21 @@ def test_readme_python_blocks_run_and_print_what_they_say():
   by_inference = optax_gc.centralize(inferred).update(grads, optax.EmptyState(), params)[0]
   chex.assert_trees_all_close(by_hand, by_inference, atol=1e-6)
   assert not np.allclose(by_hand["attn"]["query"]["kernel"], grads["attn"]["query"]["kernel"])
+
+  # The same callable gives the same spec on an nnx.split State (whose paths end in a
+  # Variable's `value`), on its pure arrays, and inside nnx.Optimizer's init and update.
+  def leaves(spec):
+    return jax.tree.leaves(spec, is_leaf=lambda x: x is None or isinstance(x, (int, tuple)))
+
+  _, state = nnx.split(model, nnx.Param)
+  want = leaves(axes(params))
+  assert want.count((1, 2)) == 3 and leaves(axes(state)) == want
+  seen = []
+  spy = lambda p: seen.append(leaves(axes(p))) or axes(p)  # noqa: E731
+  grads_state = jax.tree.map(lambda v, g: v.replace(g), state, grads,
+                             is_leaf=lambda x: isinstance(x, nnx.Variable))
+  optimizer = nnx.Optimizer(model, optax_gc.centralize(spy), wrt=nnx.Param)
+  optimizer.update(model, grads_state)
+  assert len(seen) >= 2 and all(s == want for s in seen), seen
+  on_state = optax_gc.centralize(axes).update(grads_state, optax.EmptyState(), state)[0]
+  chex.assert_trees_all_close(nnx.as_pure(on_state), by_inference, atol=1e-6)

@@ -38,14 +38,84 @@ def _describe(path: Any, leaf: Any) -> str:
   return f"leaf {jax.tree_util.keystr(path) or '<root>'} with shape {shape}"
 
 
-def _covered(path: tuple[Any, ...], prefixes: set[tuple[Any, ...]]) -> bool:
-  return any(tuple(path[:i]) in prefixes for i in range(len(path) + 1))
+def _summary(x: Any) -> str:
+  """What ``x`` is, for an error message, never with an array's values."""
+  if hasattr(x, "shape") and hasattr(x, "dtype"):
+    return f"an array of shape {tuple(x.shape)} and dtype {x.dtype}"
+  if isinstance(x, (list, tuple)) and all(
+      isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in x
+  ):
+    return f"the {type(x).__name__} {list(x) if isinstance(x, list) else tuple(x)!r}"
+  if isinstance(x, (list, tuple, dict)):
+    keys = f" with keys {sorted(map(str, x))[:8]}" if isinstance(x, dict) else ""
+    return f"a {type(x).__name__} of {len(x)} {'entry' if len(x) == 1 else 'entries'}{keys}"
+  if x is None or isinstance(x, (bool, int, float, str, np.integer, np.floating, np.bool_)):
+    return repr(x) if len(repr(x)) <= 40 else type(x).__name__
+  return f"a {type(x).__name__}"
+
+
+def _children(x: Any, is_leaf: Callable[[Any], bool]) -> list[tuple[Any, Any]] | None:
+  """``[(key, child), ...]`` one level down, or ``None`` for a leaf."""
+  if is_leaf(x) or _is_pytree_leaf(x):
+    return None
+  return [(path[0], child) for path, child in
+          jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)[0]]
+
+
+def _mismatch(
+    spec: Any, updates: Any, is_leaf: Callable[[Any], bool], path: tuple[Any, ...] = ()
+) -> tuple[tuple[Any, ...], Any, Any] | None:
+  """The first place, ``(path, spec node, updates node)``, where ``spec`` is not a prefix."""
+  spec_children = _children(spec, is_leaf)
+  if spec_children is None:
+    return None  # One entry for the whole subtree there.
+  update_children = _children(updates, _is_passthrough_node)
+  if update_children is None or type(spec) is not type(updates) or (
+      [k for k, _ in spec_children] != [k for k, _ in update_children]):
+    return path, spec, updates
+  for (key, s), (_, u) in zip(spec_children, update_children, strict=True):
+    found = _mismatch(s, u, is_leaf, (*path, key))
+    if found is not None:
+      return found
+  return None
+
+
+def _mismatch_error(spec: Any, updates: Any, name: str, is_leaf: Callable[[Any], bool]) -> str:
+  """Says where and how ``spec`` does not fit the updates, naming no array values."""
+  head = f"optax_gc: the `{name}` tree does not match the structure of the updates"
+  advice = " Give one entry per leaf of the updates (or a callable params -> such a tree)."
+  found = _mismatch(spec, updates, is_leaf)
+  if found is None:
+    return f"{head}.{advice}"
+  path, node, sub = found
+  sub_children = _children(sub, _is_passthrough_node)
+  node_children = _children(node, is_leaf) or []
+  if sub_children is not None and type(node) is type(sub):  # Different keys.
+    have = {k for k, _ in node_children}
+    missing = [(k, x) for k, x in sub_children if k not in have]
+    if missing:
+      k, x = missing[0]
+      leaf = _children(x, _is_passthrough_node) is None
+      what = _describe((*path, k), x) if leaf else jax.tree_util.keystr((*path, k))
+      return (f"{head}: no entry for {what} (the `{name}` tree has {_summary(node)} at "
+              f"{jax.tree_util.keystr(path) or '<root>'}).{advice}")
+    extra = next(k for k, _ in node_children if k not in {k for k, _ in sub_children})
+    return (f"{head}: it has an entry at {jax.tree_util.keystr((*path, extra))}, where the "
+            f"updates have none.{advice}")
+  where = _describe(path, sub) if sub_children is None else (
+      jax.tree_util.keystr(path) or "<root>")
+  msg = (f"{head} at {where}: the `{name}` tree has {_summary(node)} there, where the updates "
+         f"have {_summary(sub)}.")
+  if name == "output_axis" and isinstance(node, list) and node and all(
+      isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in node):
+    return (f"{msg} JAX reads a list as a subtree with one entry per element, not as a set "
+            f"of axes: write the tuple {tuple(int(a) for a in node)!r}.")
+  return msg + advice
 
 
 def _broadcast_prefix(
     spec: Any,
     updates: Any,
-    paths_leaves: list[tuple[Any, Any]],
     name: str,
     is_leaf: Callable[[Any], bool],
 ) -> list[Any]:
@@ -53,22 +123,14 @@ def _broadcast_prefix(
 
   ``spec`` is a prefix of the updates' structure: each of its leaves applies to the whole
   subtree of the updates at that place (e.g. to the array inside an ``nnx.Variable``). On a
-  mismatch the error names the first leaf of the updates that has no entry.
+  mismatch the error names the first place where the two differ.
   """
   spec_leaves, spec_def = jax.tree_util.tree_flatten(spec, is_leaf=is_leaf)
   try:
     subtrees = spec_def.flatten_up_to(updates)
-  except (ValueError, TypeError) as e:
-    prefixes = {
-        tuple(p) for p, _ in jax.tree_util.tree_flatten_with_path(spec, is_leaf=is_leaf)[0]
-    }
-    missing = [(p, x) for p, x in paths_leaves if not _covered(tuple(p), prefixes)]
-    where = _describe(*missing[0]) if missing else "the tree's structure"
-    raise ValueError(
-        f"optax_gc: the `{name}` tree does not match the structure of the "
-        f"updates: no entry for {where}. Give one entry per leaf of the "
-        f"updates (or a callable params -> such a tree). Details: {e}"
-    ) from None
+  except (ValueError, TypeError):
+    # JAX's own message prints the updates, array values included: say it without them.
+    raise ValueError(_mismatch_error(spec, updates, name, is_leaf)) from None
   out = []
   for value, sub in zip(spec_leaves, subtrees, strict=True):
     out.extend([value] * len(jax.tree_util.tree_leaves(sub, is_leaf=_is_passthrough_node)))
@@ -93,7 +155,7 @@ def _per_leaf(
     return [spec] * len(paths_leaves)
   if not _is_pytree_leaf(spec, is_leaf):
     try:
-      return _broadcast_prefix(spec, updates, paths_leaves, name, is_leaf)
+      return _broadcast_prefix(spec, updates, name, is_leaf)
     except ValueError:
       leaves = jax.tree_util.tree_leaves(spec, is_leaf=is_leaf)
       if not callable(spec) or (leaves and all(is_leaf(x) for x in leaves)):
@@ -104,7 +166,7 @@ def _per_leaf(
     if is_leaf(spec):
       return [spec] * len(paths_leaves)
   _check_spec_type(spec, name)
-  return _broadcast_prefix(spec, updates, paths_leaves, name, is_leaf)
+  return _broadcast_prefix(spec, updates, name, is_leaf)
 
 
 def _is_pytree_leaf(x: Any, is_leaf: Callable[[Any], bool] | None = None) -> bool:
@@ -127,7 +189,7 @@ def _check_spec_type(spec: Any, name: str) -> None:
     expected = _EXPECTED.get(name, "a bool, None")
     raise ValueError(
         f"optax_gc: `{name}` must be {expected}, a pytree of those with the structure of "
-        f"the updates, or a callable params -> such a pytree; got {spec!r} "
+        f"the updates, or a callable params -> such a pytree; got {_summary(spec)} "
         f"({type(spec).__name__})."
     )
 
@@ -140,7 +202,7 @@ def _normalize_axes(axis: Any, path: Any, leaf: jax.Array) -> tuple[int, ...]:
   for a in axes:
     if isinstance(a, bool) or not isinstance(a, (int, np.integer)):
       raise ValueError(
-          f"optax_gc: output_axis entries must be ints, got {a!r} for "
+          f"optax_gc: output_axis entries must be ints, got {_summary(a)} for "
           f"{_describe(path, leaf)}."
       )
     if not -ndim <= a < ndim:
@@ -271,7 +333,7 @@ def leaf_specs(
 ) -> tuple[list[tuple[Any, Any]], Any, list[Any], list[Any]]:
   """``(paths_leaves, treedef, axes, masks)``: the updates' leaves and one spec and mask each."""
   if isinstance(min_ndim, bool) or not isinstance(min_ndim, int) or min_ndim < 1:
-    raise ValueError(f"optax_gc: min_ndim must be an int >= 1, got {min_ndim!r}.")
+    raise ValueError(f"optax_gc: min_ndim must be an int >= 1, got {_summary(min_ndim)}.")
   paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(
       updates, is_leaf=_is_passthrough_node
   )
@@ -287,7 +349,21 @@ def leaf_specs(
           lambda x: x is None or isinstance(x, (bool, np.bool_)),
       )
   )
+  masks = [_mask_entry(m, path, g) for (path, g), m in zip(paths_leaves, masks, strict=True)]
   return paths_leaves, treedef, axes, masks
+
+
+def _mask_entry(m: Any, path: Any, leaf: Any) -> bool | None:
+  """A mask entry as a bool (or ``None``); an array of bools is not one, as in Optax."""
+  if m is None or isinstance(m, (bool, np.bool_)):
+    return m
+  if (np.shape(m) == () and not isinstance(m, jax.core.Tracer)
+      and np.issubdtype(np.result_type(m), np.bool_)):
+    return bool(m)
+  raise ValueError(
+      f"optax_gc: `mask` entries must be a bool or None, one per leaf or sub-tree; got "
+      f"{_summary(m)} for {_describe(path, leaf)}."
+  )
 
 
 def map_centralized(

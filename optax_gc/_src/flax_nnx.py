@@ -119,7 +119,15 @@ def nnx_layout(
 def _infer_nnx(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *, wrt: Any,
                overrides: Any, centralize_lookups: bool, report: Any, layout: bool) -> Any:
   """Splits the model outside the trace and merges it inside, then infers."""
-  from flax import nnx  # Lazy: flax is not a dependency of the library.
+  try:
+    from flax import nnx  # Lazy: flax is not a dependency of the library.
+  except ImportError as e:
+    name = "nnx_layout" if layout else "nnx_output_axes"
+    raise ModuleNotFoundError(
+        f"optax_gc.{name} needs Flax, which could not be imported ({e}): install it with "
+        "`pip install flax`. Without Flax, give optax_gc.infer_output_axes (or infer_layout) a "
+        "function of the parameters."
+    ) from e
 
   wrt = nnx.Param if wrt is None else wrt
   graphdef, params, rest = nnx.split(model, wrt, ...)
