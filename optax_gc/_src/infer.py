@@ -460,7 +460,7 @@ _unfollowed(
 _unfollowed(
     "a host callback or transfer: what it computes is not visible",
     "pure_callback io_callback "
-    "outside_call "  # jax 0.4.30
+    "outside_call "  # jax <= 0.4.30
     "infeed outfeed")  # jax <= 0.6
 _unfollowed(
     "an operation of a Pallas or Mosaic kernel body, which is opaque",
@@ -513,13 +513,13 @@ _unfollowed(
     "unreduced_psum_start unreduced_reduce_scatter_start "  # jax >= 0.9
     "global_array_to_host_local_array host_local_array_to_global_array "
     "ag_start ag_done "  # jax 0.9 (all_gather_start and _done there)
-    "pdot "  # jax 0.4.30
+    "pdot "  # jax <= 0.4.30
     "xla_pmap")  # jax <= 0.9: pmap; trace the per-device function instead
 _unfollowed(
     "a value made from no array (an index, a token, a shape)",
     "iota create_token after_all empty platform_index dim_as_value dimension_size "
     "empty2 "  # jax >= 0.7
-    "id")  # jax 0.4.30
+    "id")  # jax <= 0.4.30
 _unfollowed(
     "a sparse array, which is not followed",
     "bcoo_dot_general bcoo_dot_general_sampled bcoo_extract bcoo_fromdense bcoo_sort_indices "
@@ -874,7 +874,7 @@ def _ragged_dot_general(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> lis
   return [_contraction_uses(interp, eqn, [(ins[1], rc, stack)])]
 
 
-@_rule("ragged_dot")  # jax <= 0.4.38: lhs (m, k), rhs (groups, k, n), group sizes
+@_rule("ragged_dot")  # jax 0.4.30-0.4.38: lhs (m, k), rhs (groups, k, n), group sizes
 def _ragged_dot(interp: _Interpreter, eqn: Any, ins: list[_Info]) -> list[_Info]:
   if not any(i.tainted for i in ins) or ins[0].origins or ins[2].origins:
     return _unfollowable(interp, eqn, ins, "grouped matmul between parameters")
