@@ -262,7 +262,8 @@ class ShardingTest(absltest.TestCase):
 
   def test_sharding_annotations(self):
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
-    with mesh:
+    set_mesh = getattr(jax.sharding, "set_mesh", None)  # `with mesh:` before jax 0.7
+    with mesh if set_mesh is None else set_mesh(mesh):
       self.assertEqual(infer(lambda w, x: x @ jax.lax.with_sharding_constraint(
           w, NamedSharding(mesh, P(None, "x"))), W, X), (1,))
       self.assertEqual(infer(lambda w, x: x @ jax.device_put(
