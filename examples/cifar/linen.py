@@ -47,11 +47,13 @@ class TrainState(train_state.TrainState):
 
 
 def make_tx(gc: str, learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:
-  """SGD with momentum 0.9 and coupled weight decay 5e-4: with GC (``gc``/``gcc``) or without."""
-  if gc == "none":
-    return optax.chain(optax.add_decayed_weights(5e-4), optax.trace(decay=0.9),
-                       optax.scale_by_learning_rate(learning_rate))
-  return optax_gc.gc_sgd(learning_rate, momentum=0.9, weight_decay=5e-4, conv_only=gc == "gcc")
+  """SGD with momentum 0.9 and coupled weight decay 5e-4: with GC (``gc``/``gcc``) or without.
+
+  Without GC (``gc="none"``) it is the same alias with ``output_axis=None``: GC leaves every
+  parameter alone, and the chain is plain SGD.
+  """
+  return optax_gc.gc_sgd(learning_rate=learning_rate, momentum=0.9, weight_decay=5e-4,
+                         output_axis=None if gc == "none" else -1, conv_only=gc == "gcc")
 
 
 def create_train_state(seed: int, tx: optax.GradientTransformation, num_classes: int,
