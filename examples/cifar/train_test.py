@@ -98,7 +98,7 @@ def test_digits_training_learns_compiles_once_and_writes_outputs(tmp_path: Path)
                          "--gc-log-every-epochs", "2", "--workdir", str(tmp_path)])
   assert status == 0
   # 1437 images in batches of 32: the last batch is partial, and still nothing recompiles.
-  assert compiles["jit_train_step"] == 1 and compiles["jit_eval_step"] == 1, compiles
+  assert compiles["jit(train_step)"] == 1 and compiles["jit(eval_step)"] == 1, compiles
 
   records = _metrics(tmp_path)
   assert [r["epoch"] for r in records] == [1, 2, 3]
