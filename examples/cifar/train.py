@@ -2,9 +2,9 @@
 
 Run ``python -m examples.cifar.train --help`` (the README has the commands). From Python::
 
-    from examples.cifar.config import Config
+    from examples.cifar import configs
     from examples.cifar.train import train_and_evaluate
-    summary = train_and_evaluate(Config(dataset="digits", model="tiny", epochs=2), "/tmp/run")
+    summary = train_and_evaluate(configs.get_config("digits"), "/tmp/digits_gc")
 
 What lands in the workdir:
 
