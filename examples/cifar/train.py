@@ -102,7 +102,7 @@ def gc_output_axes(config: Config, model: nnx.Module, image_shape: tuple[int, ..
     For ``inferred``, the spec tree that ``optax_gc.nnx_output_axes`` reads from the model's
     ``model(x, train=True)`` (traced on a ``jax.ShapeDtypeStruct``: nothing is computed). For
     ``last``, ``-1``. For ``optax``, ``0``: the axis ``optax.centralize()`` keeps, which on these
-    models is ``optax.centralize()`` itself (``tests/alias_test.py`` checks the two agree).
+    models is ``optax.centralize()`` itself (``tests/centralize_test.py`` checks the two agree).
   """
   if config.gc_axes == "last":
     return -1
