@@ -21,6 +21,7 @@ from flax.training import train_state
 
 import optax_gc
 from examples.cifar import input_pipeline
+from examples.cifar.config import GC_MODES
 
 __all__ = ["CNN", "TrainState", "make_tx", "create_train_state", "train_step", "eval_step",
            "train"]
@@ -124,7 +125,7 @@ def train(gc: str = "gc", epochs: int = 3, batch_size: int = 32, learning_rate: 
 if __name__ == "__main__":
   parser = argparse.ArgumentParser(prog="python -m examples.cifar.linen",
                                    description="Linen + optax_gc on the offline digits set.")
-  parser.add_argument("--gc", choices=("none", "gc", "gcc"), default="gc")
+  parser.add_argument("--gc", choices=GC_MODES, default="gc")
   parser.add_argument("--epochs", type=int, default=3)
   parser.add_argument("--lr", type=float, default=0.1)
   parser.add_argument("--seed", type=int, default=0)
