@@ -6,15 +6,15 @@ Commands (JAX's default backend, so the same line runs on CPU or GPU)::
   python -m benchmarks.throughput --quick          # fewer steps (CPU: ~1 min)
   python -m benchmarks.throughput --models resnet20,resnet18 --json docs/bench/throughput.json
 
-Two ways to run the same number of steps of the example's jitted ``train_step`` (same model,
+Two ways to run the same number of steps of the example's one jitted train step (same model,
 optimizer, batch size and on-device augmentation), timed in interleaved rounds:
 
-- ``loop``: the example's full per-epoch loop, ``examples.cifar.train.train_epoch``: host-side
-  shuffling, uploading the epoch's indices, gathering each batch on the device from the resident
-  uint8 dataset (``train.resident_train_step``), the periodic loss check, and the epoch's
-  metrics;
-- ``bare``: the jitted train step (``train.flat_train_step``) back to back on one batch already
-  on the device.
+- ``loop``: the example's full per-epoch loop, ``examples.cifar.train.Trainer.train_epoch``:
+  host-side shuffling, uploading the epoch's indices, the periodic loss check, and the epoch's
+  metrics, around the trainer's jitted ``train_step`` (which gathers each batch on the device from
+  the resident uint8 dataset);
+- ``bare``: that same jitted step (``Trainer.train_step``) called back to back on one batch
+  index, with nothing around it.
 
 A host-bound proxy, for a machine without an accelerator: ``--models tiny --batch 8 --steps 200
 --rounds 7`` makes the step so short that per-step host work shows.
@@ -93,30 +93,28 @@ def loop_vs_bare(
   mean_std = jax.device_put(jnp.asarray([[0.49, 0.48, 0.45], [0.25, 0.24, 0.26]], jnp.float32),
                             replicated)
   rng = jax.device_put(jax.random.key(0), replicated)
-
-  from examples.cifar import input_pipeline as ip
-
-  idx, mask = ip.train_batches(len(split), batch, 0, 0)
-  one_batch = ip.shard_batch(mesh, split, idx[0], mask[0])
+  # The example's trainer: its one jitted train step, and the split resident on the devices.
+  trainer = train.Trainer(model, optimizer, mesh, split, config, rng, mean_std)
+  idx, mask = trainer.epoch_batches(0)
   epoch = [0]
 
   def loop():
     epoch[0] += 1
-    return train.train_epoch(model, optimizer, mesh, split, config, epoch[0], rng, mean_std)
+    return trainer.train_epoch(epoch[0])
 
   def bare():
-    # The example's jitted train step over the flat, donated state, called back to back on one
-    # batch already on the device.
-    graphdef, state = nnx.split((model, optimizer))
-    leaves, treedef = jax.tree.flatten(state)
-    step_fn = train.flat_train_step(graphdef, treedef, config.augment)
-    out = None
+    # The same jitted step, called back to back on the epoch's first batch: no shuffling, no
+    # index upload, no loss check, no epoch bookkeeping.
+    leaves = trainer.leaves()
+    totals, s0 = trainer.zeros()
+    loss = None
     try:
       for _ in range(steps):
-        leaves, out = step_fn(leaves, one_batch, rng, mean_std)
+        leaves, totals, _, loss = trainer.train_step(leaves, totals, trainer.data, idx, mask, s0,
+                                                     rng, mean_std)
     finally:  # the step donated the old arrays: hand the new ones back to the model
-      nnx.update((model, optimizer), jax.tree.unflatten(treedef, leaves))
-    return out
+      trainer.set_leaves(leaves)
+    return loss
 
   t0 = time.perf_counter()
   jax.block_until_ready(bare())  # compiles

@@ -33,7 +33,7 @@ from examples.cifar.config import (
   config_name,
 )
 from examples.cifar.input_pipeline import DataError
-from examples.cifar.train import TrainingDivergedError, train_and_evaluate
+from examples.cifar.train import TrainingDivergedError, check_workdir, train_and_evaluate
 
 __all__ = ["parse_arm", "run_arms", "plot", "markdown_table", "main"]
 
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     workdir = Path(args.workdir or Path("workdirs", "compare",
                                         f"{config_name(args)}_{config.dataset}_{config.optimizer}"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    check_workdir(workdir.absolute())
     start = time.perf_counter()
     histories = run_arms(config, arms, seeds, workdir)
   except (DataError, TrainingDivergedError, ValueError) as e:

@@ -8,19 +8,26 @@ filled in by :meth:`Config.resolved`.
 
 import argparse
 import dataclasses
+import typing
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["Config", "OPTIMIZERS", "GC_MODES", "GC_LOCATIONS", "GC_AXES", "SCHEDULES",
-           "AUGMENTATIONS", "BOOKKEEPING_FIELDS", "DATASET_CONFIGS", "add_flags", "config_name",
-           "config_from_flags"]
+from examples.cifar.models import MODELS
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-GC_MODES = ("none", "gc", "gcc")
-GC_LOCATIONS = ("gradient", "update")
-GC_AXES = ("inferred", "last", "optax")
-SCHEDULES = ("step", "cosine", "constant")
-AUGMENTATIONS = ("crop_flip", "crop", "none")
+__all__ = ["Config", "Dataset", "Optimizer", "GcMode", "GcLocation", "GcAxes", "Schedule",
+           "Augmentation", "GC_MODES", "GC_LOCATIONS", "BOOKKEEPING_FIELDS", "DATASET_CONFIGS",
+           "add_flags", "config_name", "config_from_flags"]
+
+# The options with a fixed set of values: Config checks them, and argparse offers them as choices.
+Dataset = Literal["cifar10", "cifar100", "digits"]
+Optimizer = Literal["sgd", "adam", "adamw"]
+GcMode = Literal["none", "gc", "gcc"]
+GcLocation = Literal["gradient", "update"]
+GcAxes = Literal["inferred", "last", "optax"]
+Schedule = Literal["step", "cosine", "constant"]
+Augmentation = Literal["crop_flip", "crop", "none"]
+GC_MODES: tuple[str, ...] = typing.get_args(GcMode)
+GC_LOCATIONS: tuple[str, ...] = typing.get_args(GcLocation)
 _DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3}
 
 
@@ -29,7 +36,7 @@ class Config:
   """Everything that defines a run. Defaults: the GC paper's CIFAR recipe (ResNet-18, SGD)."""
 
   # Data.
-  dataset: str = "cifar10"
+  dataset: Dataset = "cifar10"
   """``cifar10``, ``cifar100`` or ``digits`` (offline, bundled with scikit-learn)."""
   data_dir: str | None = None
   """Folder with the data (npz pair, archive or its extracted folder); see ``input_pipeline``."""
@@ -38,7 +45,7 @@ class Config:
   re-packed copy; it is still decoded without running code. Off: such a file is an error."""
   train_subset: int | None = None
   """Train on a stratified subset of this many images (fixed across seeds); ``None``: all."""
-  augment: str = "crop_flip"
+  augment: Augmentation = "crop_flip"
   """On-device augmentation: ``crop_flip`` (random crop, pad 4, and horizontal flip), ``crop`` or
   ``none``. Digits use ``crop``: a mirrored digit is another shape."""
 
@@ -47,13 +54,13 @@ class Config:
   """A name in ``models.MODELS``."""
 
   # Optimizer.
-  optimizer: str = "sgd"
+  optimizer: Optimizer = "sgd"
   """``sgd`` (PyTorch-style momentum, coupled decay), ``adam`` (coupled decay) or ``adamw``."""
-  gc: str = "gc"
+  gc: GcMode = "gc"
   """``none`` (plain Optax), ``gc`` (conv and dense kernels) or ``gcc`` (conv kernels only)."""
-  gc_location: str = "gradient"
+  gc_location: GcLocation = "gradient"
   """Centralize the ``gradient`` (the paper) or the final ``update`` (same as gradient for SGD)."""
-  gc_axes: str = "inferred"
+  gc_axes: GcAxes = "inferred"
   """Which axes of each parameter index its output units (GC averages over the others):
   ``inferred`` reads them from the model (``optax_gc.nnx_output_axes``), ``last`` uses
   ``output_axis=-1`` (right for Flax dense and conv kernels, wrong for attention's
@@ -68,7 +75,7 @@ class Config:
   b1: float = 0.9
   b2: float = 0.999
   eps: float = 1e-8
-  schedule: str = "step"
+  schedule: Schedule = "step"
   """``step`` (x ``step_factor`` at ``step_boundaries``), ``cosine`` or ``constant``."""
   step_boundaries: tuple[float, ...] = (0.3, 0.6, 0.9)
   """Fractions of ``epochs`` at which the step schedule decays. The default is the GC code's
@@ -109,20 +116,19 @@ class Config:
 
   def resolved(self) -> "Config":
     """Returns a copy with optimizer defaults filled in, after checking every choice."""
-    _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-    _check_choice("gc", self.gc, GC_MODES)
-    _check_choice("gc_location", self.gc_location, GC_LOCATIONS)
-    _check_choice("gc_axes", self.gc_axes, GC_AXES)
+    for name, choices in _choices().items():
+      _check_choice(name, getattr(self, name), choices)
     if self.gc == "gcc" and self.gc_axes == "optax":
       raise ValueError("gc_axes='optax' has no conv-only (gcc) form: optax.centralize() "
                        "centralizes every leaf of rank > 1. Use gc='gc', or another gc_axes.")
-    _check_choice("schedule", self.schedule, SCHEDULES)
-    _check_choice("augment", self.augment, AUGMENTATIONS)
     if not isinstance(self.allow_unverified_data, bool):
       raise ValueError(f"allow_unverified_data must be True or False, got "
                        f"{self.allow_unverified_data!r}.")
-    if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
-      raise ValueError("epochs, batch_size and eval_batch_size must be positive.")
+    for name in ("epochs", "batch_size", "eval_batch_size", "train_subset", "checkpoints_to_keep",
+                 "log_every_steps", "gc_log_every_epochs"):
+      value = getattr(self, name)
+      if value is not None and value < 1:
+        raise ValueError(f"{_flag(name)} must be positive, got {value}.")
     _check_launch(self)
     return dataclasses.replace(
         self,
@@ -156,9 +162,21 @@ BOOKKEEPING_FIELDS = frozenset(
 )
 
 
+def _choices() -> dict[str, tuple[str, ...]]:
+  """Each field with a fixed set of values (a ``Literal``, or a model name): the values."""
+  choices = {f.name: typing.get_args(f.type) for f in dataclasses.fields(Config)
+             if typing.get_origin(f.type) is Literal}
+  return {**choices, "model": tuple(MODELS)}
+
+
+def _flag(field: str) -> str:
+  """``"batch_size"`` -> ``"--batch-size"``: the flag that sets ``field``."""
+  return next(flag for flag, (name, _) in _FLAGS.items() if name == field)
+
+
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
   if value not in choices:
-    raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}.")
+    raise ValueError(f"{_flag(name)} must be one of {list(choices)}, got {value!r}.")
 
 
 def _check_launch(config: Config) -> None:
@@ -167,13 +185,13 @@ def _check_launch(config: Config) -> None:
   if address is not None:
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-      raise ValueError(f"coordinator_address must be HOST:PORT, got {address!r}.")
+      raise ValueError(f"--coordinator-address must be HOST:PORT, got {address!r}.")
   if n is not None and n < 1:
-    raise ValueError(f"num_processes must be at least 1, got {n}.")
+    raise ValueError(f"--num-processes must be at least 1, got {n}.")
   if i is not None and not (i >= 0 and (n is None or i < n)):
-    raise ValueError(f"process_id must be in [0, num_processes), got {i} of {n}.")
+    raise ValueError(f"--process-id must be in [0, --num-processes), got {i} of {n}.")
   if config.distributed_timeout < 1:
-    raise ValueError(f"distributed_timeout must be positive, got {config.distributed_timeout}.")
+    raise ValueError(f"--distributed-timeout must be positive, got {config.distributed_timeout}.")
 
 
 def _bool(text: str) -> bool:
@@ -190,8 +208,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 # flag name -> (Config field, argparse keyword arguments). Defaults are None: "keep the config's".
 _FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "--dataset": ("dataset", dict(choices=("cifar10", "cifar100", "digits"),
-                                  help="cifar10, cifar100, or digits (offline, no files)")),
+    "--dataset": ("dataset", dict(help="cifar10, cifar100, or digits (offline, no files)")),
     "--data-dir": ("data_dir", dict(help="folder holding train.npz+test.npz, the official archive "
                                          "or its extracted folder (default: $OPTAX_GC_DATA/"
                                          "<dataset>, else ~/.cache/optax_gc/<dataset>; downloads "
@@ -201,18 +218,15 @@ _FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
                                   "re-packed copy), still without running code in them")),
     "--train-subset": ("train_subset", dict(type=int, metavar="N",
                                             help="train on a stratified subset of N images")),
-    "--augment": ("augment", dict(choices=AUGMENTATIONS,
-                                  help="on-device augmentation: random crop (pad 4) and flip")),
-    "--model": ("model", dict(help="resnet20|32|56, resnet18|34|50, resnet8, tiny, "
-                                      "vit_tiny, vit_test")),
-    "--optimizer": ("optimizer", dict(choices=OPTIMIZERS)),
-    "--gc": ("gc", dict(choices=GC_MODES,
-                        help="none: plain Optax; gc: conv+dense kernels; gcc: conv kernels only")),
-    "--gc-location": ("gc_location", dict(choices=GC_LOCATIONS,
-                                          help="centralize the gradient (paper) or the final "
+    "--augment": ("augment", dict(help="on-device augmentation: random crop (pad 4) and flip")),
+    "--model": ("model", dict(help="ResNets for CIFAR (He et al.), ResNets with a CIFAR stem, "
+                                   "small ones for tests, a small ViT")),
+    "--optimizer": ("optimizer", dict()),
+    "--gc": ("gc", dict(help="none: plain Optax; gc: conv+dense kernels; gcc: conv kernels "
+                             "only")),
+    "--gc-location": ("gc_location", dict(help="centralize the gradient (paper) or the final "
                                                "update (identical for SGD)")),
-    "--gc-axes": ("gc_axes", dict(choices=GC_AXES,
-                                  help="output axes: inferred from the model, last (-1), or "
+    "--gc-axes": ("gc_axes", dict(help="output axes: inferred from the model, last (-1), or "
                                        "optax.centralize()'s axis 0 (the PyTorch rule)")),
     "--lr": ("learning_rate", dict(type=float, help="peak learning rate (default: 0.1 SGD, "
                                                     "1e-3 Adam/AdamW)")),
@@ -220,7 +234,7 @@ _FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
                                                              "decoupled for AdamW")),
     "--momentum": ("momentum", dict(type=float)),
     "--nesterov": ("nesterov", dict(type=_bool, metavar="BOOL")),
-    "--schedule": ("schedule", dict(choices=SCHEDULES)),
+    "--schedule": ("schedule", dict()),
     "--step-boundaries": ("step_boundaries", dict(type=_floats, metavar="F,F",
                                                   help="fractions of the epochs where the step "
                                                        "schedule decays")),
@@ -257,10 +271,13 @@ def add_flags(parser: argparse.ArgumentParser, *, skip: Sequence[str] = ()) -> N
       "config overrides", "Each flag replaces one field of the --config; [brackets] show the "
       "field's default in Config (configs/default.py).")
   defaults = Config()
+  choices = _choices()
   for flag, (field, kwargs) in _FLAGS.items():
     if field in skip:
       continue
     kwargs = dict(kwargs)
+    if field in choices:
+      kwargs["choices"] = choices[field]
     value = getattr(defaults, field)
     value = ",".join(map(str, value)) if isinstance(value, tuple) else value
     kwargs["help"] = kwargs.get("help", "") + ("" if value is None else f" [{value}]")

@@ -55,7 +55,7 @@ def test_launch_flags_imply_distributed_and_are_checked() -> None:
   assert not _parse().distributed and _parse().distributed_timeout == 120
   for flags, message in [(("--coordinator-address", "10.0.0.1"), "must be HOST:PORT"),
                          (("--num-processes", "0"), "at least 1"),
-                         (("--num-processes", "2", "--process-id", "2"), r"\[0, num_processes\)"),
+                         (("--num-processes", "2", "--process-id", "2"), r"\[0, --num-processes\)"),
                          (("--distributed-timeout", "0"), "must be positive")]:
     with pytest.raises(ValueError, match=message):
       _parse(*flags)
@@ -66,10 +66,32 @@ def test_bad_values_are_clear_errors() -> None:
     Config(optimizer="lion").resolved()
   with pytest.raises(ValueError, match="Unknown config"):
     configs.get_config("nope")
-  with pytest.raises(ValueError, match="gc_axes must be one of"):
+  with pytest.raises(ValueError, match="--gc-axes must be one of"):
     Config(gc_axes="first").resolved()
+  with pytest.raises(ValueError, match="--model must be one of"):
+    Config(model="resnet9").resolved()
   with pytest.raises(ValueError, match="no conv-only"):
     _parse("--gc", "gcc", "--gc-axes", "optax")
+  with pytest.raises(ValueError, match=r"^--batch-size must be positive, got 0\.$"):
+    _parse("--batch-size", "0")
+  with pytest.raises(ValueError, match=r"^--train-subset must be positive, got -5\.$"):
+    Config(train_subset=-5).resolved()
+
+
+@pytest.mark.parametrize("flag, field", [
+    ("--dataset", "dataset"), ("--model", "model"), ("--optimizer", "optimizer"), ("--gc", "gc"),
+    ("--gc-location", "gc_location"), ("--gc-axes", "gc_axes"), ("--schedule", "schedule"),
+    ("--augment", "augment")])
+def test_argparse_offers_and_checks_every_fixed_choice(flag: str, field: str, capsys) -> None:
+  parser = argparse.ArgumentParser()
+  add_flags(parser)
+  (action,) = [a for a in parser._actions if flag in a.option_strings]
+  Config(**{field: action.choices[-1]}).resolved()  # Every choice is a value Config accepts.
+  with pytest.raises(ValueError):
+    Config(**{field: "nope"}).resolved()
+  with pytest.raises(SystemExit):
+    parser.parse_args([flag, "nope"])
+  assert f"argument {flag}: invalid choice: 'nope'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", configs.names())

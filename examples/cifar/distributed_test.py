@@ -34,18 +34,11 @@ _PAUSING = (
     "import sys, time\n"
     "from examples.cifar import train\n"
     "pause_at, marker = int(sys.argv.pop(1)), sys.argv.pop(1)\n"
-    "calls, real = [0], train.resident_train_step\n"
-    "def step_or_pause(*args):\n"
-    "  step = real(*args)\n"
-    "  def counted(*a):\n"
-    "    calls[0] += 1\n"
-    "    if calls[0] == pause_at:\n"
-    "      open(marker, 'w').close()\n"
-    "      time.sleep(3600)\n"
-    "    return step(*a)\n"
-    "  return counted\n"
-    "train.resident_train_step = step_or_pause\n"
-    "sys.exit(train.main(sys.argv[1:]))\n")
+    "def pause(step):\n"
+    "  if step == pause_at:\n"
+    "    open(marker, 'w').close()\n"
+    "    time.sleep(3600)\n"
+    "sys.exit(train.main(sys.argv[1:], before_step=pause))\n")
 TIMEOUT = 300
 
 

@@ -21,6 +21,7 @@ from flax.training import train_state
 
 import optax_gc
 from examples.cifar import input_pipeline
+from examples.cifar.config import GC_MODES
 
 __all__ = ["CNN", "TrainState", "make_tx", "create_train_state", "train_step", "eval_step",
            "train"]
@@ -47,11 +48,13 @@ class TrainState(train_state.TrainState):
 
 
 def make_tx(gc: str, learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:
-  """SGD with momentum 0.9 and coupled weight decay 5e-4: with GC (``gc``/``gcc``) or without."""
-  if gc == "none":
-    return optax.chain(optax.add_decayed_weights(5e-4), optax.trace(decay=0.9),
-                       optax.scale_by_learning_rate(learning_rate))
-  return optax_gc.gc_sgd(learning_rate, momentum=0.9, weight_decay=5e-4, conv_only=gc == "gcc")
+  """SGD with momentum 0.9 and coupled weight decay 5e-4: with GC (``gc``/``gcc``) or without.
+
+  Without GC (``gc="none"``) it is the same alias with ``output_axis=None``: GC leaves every
+  parameter alone, and the chain is plain SGD.
+  """
+  return optax_gc.gc_sgd(learning_rate=learning_rate, momentum=0.9, weight_decay=5e-4,
+                         output_axis=None if gc == "none" else -1, conv_only=gc == "gcc")
 
 
 def create_train_state(seed: int, tx: optax.GradientTransformation, num_classes: int,
@@ -122,7 +125,7 @@ def train(gc: str = "gc", epochs: int = 3, batch_size: int = 32, learning_rate: 
 if __name__ == "__main__":
   parser = argparse.ArgumentParser(prog="python -m examples.cifar.linen",
                                    description="Linen + optax_gc on the offline digits set.")
-  parser.add_argument("--gc", choices=("none", "gc", "gcc"), default="gc")
+  parser.add_argument("--gc", choices=GC_MODES, default="gc")
   parser.add_argument("--epochs", type=int, default=3)
   parser.add_argument("--lr", type=float, default=0.1)
   parser.add_argument("--seed", type=int, default=0)

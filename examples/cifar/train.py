@@ -2,9 +2,9 @@
 
 Run ``python -m examples.cifar.train --help`` (the README has the commands). From Python::
 
-    from examples.cifar.config import Config
+    from examples.cifar import configs
     from examples.cifar.train import train_and_evaluate
-    summary = train_and_evaluate(Config(dataset="digits", model="tiny", epochs=2), "/tmp/run")
+    summary = train_and_evaluate(configs.get_config("digits"), "/tmp/digits_gc")
 
 What lands in the workdir:
 
@@ -29,9 +29,11 @@ import functools
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,19 +49,20 @@ from tqdm.auto import tqdm
 
 import optax_gc
 from examples.cifar import input_pipeline, models
-from examples.cifar.config import BOOKKEEPING_FIELDS, Config, add_flags, config_from_flags
+from examples.cifar.config import (
+  BOOKKEEPING_FIELDS,
+  Augmentation,
+  Config,
+  add_flags,
+  config_from_flags,
+)
 from examples.cifar.input_pipeline import Batch, DataError, Split
 
 __all__ = [
     "TrainingDivergedError", "make_learning_rate", "gc_output_axes", "make_optimizer", "make_mesh",
-    "train_step_fn", "train_step", "flat_train_step", "eval_step", "gc_removed_share",
-    "train_epoch", "evaluate", "train_and_evaluate", "main",
-    "TRACE_COUNTS",
+    "train_step", "eval_step", "Trainer", "gc_removed_share", "check_workdir",
+    "train_and_evaluate", "main",
 ]
-
-TRACE_COUNTS: collections.Counter[str] = collections.Counter()
-"""How many times each jitted step was traced (compiled); tests check it stays at one per run."""
-
 
 class TrainingDivergedError(RuntimeError):
   """The loss became NaN or infinite; the last good checkpoint is left in place."""
@@ -88,7 +91,7 @@ def make_learning_rate(config: Config, steps_per_epoch: int) -> optax.Schedule:
 
 
 def gc_output_axes(config: Config, model: nnx.Module, image_shape: tuple[int, ...]) -> Any:
-  """The ``output_axis`` that :func:`make_optimizer` gives GC, as ``config.gc_axes`` asks.
+  """GC's ``output_axis`` for ``config.gc_axes``, for :func:`make_optimizer` and the diagnostics.
 
   Args:
     config: the run; only ``gc_axes`` matters.
@@ -98,8 +101,8 @@ def gc_output_axes(config: Config, model: nnx.Module, image_shape: tuple[int, ..
   Returns:
     For ``inferred``, the spec tree that ``optax_gc.nnx_output_axes`` reads from the model's
     ``model(x, train=True)`` (traced on a ``jax.ShapeDtypeStruct``: nothing is computed). For
-    ``last``, ``-1``. For ``optax``, ``0``: the axis ``optax.centralize()`` keeps (the optimizer
-    uses ``optax.centralize()`` itself; the ``0`` serves the GC diagnostics).
+    ``last``, ``-1``. For ``optax``, ``0``: the axis ``optax.centralize()`` keeps, which on these
+    models is ``optax.centralize()`` itself (``tests/centralize_test.py`` checks the two agree).
   """
   if config.gc_axes == "last":
     return -1
@@ -109,59 +112,47 @@ def gc_output_axes(config: Config, model: nnx.Module, image_shape: tuple[int, ..
   return optax_gc.nnx_output_axes(model, x, train=True)
 
 
+_ALIASES = {"sgd": optax_gc.gc_sgd, "adam": optax_gc.gc_adam, "adamw": optax_gc.gc_adamw}
+
+
 def make_optimizer(
     config: Config, steps_per_epoch: int, output_axis: Any = -1
 ) -> optax.GradientTransformation:
-  """The Optax chain for ``config``: an ``optax_gc`` alias, or the same chain without it.
+  """The ``optax_gc`` alias for ``config.optimizer``, with GC as ``config.gc`` asks.
 
-  ``--gc none`` builds exactly the alias's chain minus the centralization step, so the arms
-  differ only by GC:
+  Every arm is the same alias; only its GC slot differs. ``--gc none`` is ``output_axis=None``
+  (GC leaves every leaf alone), ``gcc`` is ``conv_only=True``, and ``gc_location="update"`` is
+  ``centralize_update=True`` (Adam/AdamW; for SGD both locations give the same update, as GC and
+  momentum are linear). The chains, ``[GC]`` marking the slot:
 
   ========  ===================================================================================
-  sgd       add_decayed_weights -> [centralize] -> trace (PyTorch momentum) -> scale by lr
-  adam      add_decayed_weights -> [centralize] -> scale_by_adam -> scale by lr
-  adamw     [centralize] -> scale_by_adam -> add_decayed_weights (decoupled) -> scale by lr
+  sgd       [GC] -> coupled weight decay -> trace (PyTorch momentum) -> scale by lr
+  adam      [GC] -> coupled weight decay -> scale_by_adam -> scale by lr
+  adamw     [GC] -> scale_by_adam -> decoupled weight decay -> scale by lr
   ========  ===================================================================================
-
-  With ``gc_location="update"`` Adam/AdamW centralize the final update instead (before the lr
-  scaling). For SGD both locations give the same update (GC and momentum are linear), so SGD
-  always centralizes the gradient. With ``gc_axes="optax"`` the same chain holds the literal
-  ``optax.centralize()`` (keeps axis 0, PyTorch's rule) in place of ``optax_gc``'s.
 
   Args:
     config: the run.
     steps_per_epoch: optimizer steps per epoch (for the learning-rate schedule).
-    output_axis: the output axes GC keeps, as every ``optax_gc`` alias takes them: an int, a
-      tuple, or a spec tree (:func:`gc_output_axes`). Unused for ``gc="none"`` and
-      ``gc_axes="optax"``.
+    output_axis: the output axes GC keeps, as :func:`gc_output_axes` gives them: an int, a tuple,
+      or a spec tree. Unused for ``gc="none"``.
 
   Returns:
     The :class:`optax.GradientTransformation`.
   """
   config = config.resolved()
-  lr = make_learning_rate(config, steps_per_epoch)
-  wd = config.weight_decay
-  if config.gc == "none" or config.gc_axes == "optax":
-    gc = optax.centralize() if config.gc != "none" else None
-    on_update = gc is not None and config.gc_location == "update" and config.optimizer != "sgd"
-    at_gradient, at_update = (None, gc) if on_update else (gc, None)
-    if config.optimizer == "sgd":
-      chain = [optax.add_decayed_weights(wd), at_gradient,
-               optax.trace(decay=config.momentum, nesterov=config.nesterov)]
-    elif config.optimizer == "adam":
-      chain = [optax.add_decayed_weights(wd), at_gradient,
-               optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps)]
-    else:
-      chain = [at_gradient, optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps),
-               optax.add_decayed_weights(wd)]
-    chain += [at_update, optax.scale_by_learning_rate(lr)]
-    return optax.chain(*[t for t in chain if t is not None])
-  gc_options = dict(conv_only=config.gc == "gcc", output_axis=output_axis)
-  if config.optimizer == "sgd":
-    return optax_gc.gc_sgd(lr, config.momentum, config.nesterov, weight_decay=wd, **gc_options)
-  gc_options["centralize_update"] = config.gc_location == "update"
-  alias = optax_gc.gc_adam if config.optimizer == "adam" else optax_gc.gc_adamw
-  return alias(lr, config.b1, config.b2, config.eps, weight_decay=wd, **gc_options)
+  hyperparameters = {
+      "sgd": dict(momentum=config.momentum, nesterov=config.nesterov),
+      "adam": dict(b1=config.b1, b2=config.b2, eps=config.eps),
+      "adamw": dict(b1=config.b1, b2=config.b2, eps=config.eps),
+  }[config.optimizer]
+  gc = dict(output_axis=None if config.gc == "none" else output_axis,
+            conv_only=config.gc == "gcc")
+  if config.optimizer != "sgd":
+    gc["centralize_update"] = config.gc_location == "update"
+  return _ALIASES[config.optimizer](
+      learning_rate=make_learning_rate(config, steps_per_epoch),
+      weight_decay=config.weight_decay, **hyperparameters, **gc)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,22 +171,40 @@ def _loss_and_metrics(
   return loss, {"loss": loss, "loss_sum": loss_sum, "correct": correct, "count": count}
 
 
-def train_step_fn(
-    model: models.ResNet,
-    optimizer: nnx.Optimizer,
-    batch: Batch,
-    rng: jax.Array,
-    mean_std: jax.Array,
-    augment: str = "crop_flip",
-) -> dict[str, jax.Array]:
-  """One optimizer step on ``batch`` (unjitted); updates ``model`` and ``optimizer`` in place.
+def train_step(
+    graphdef: nnx.GraphDef, treedef: Any, augment: Augmentation, batch_sharding: NamedSharding,
+    leaves: list[jax.Array], totals: dict[str, jax.Array], data: tuple[jax.Array, jax.Array],
+    idx: jax.Array, mask: jax.Array, s: jax.Array, rng: jax.Array, mean_std: jax.Array,
+) -> tuple[list[jax.Array], dict[str, jax.Array], jax.Array, jax.Array]:
+  """One optimizer step on batch ``s`` of an epoch, gathered from a dataset on the devices.
 
-  The augmentation key is ``fold_in(rng, optimizer.step)``, so a resumed run draws the same crops.
-  Returns the batch's ``loss`` and the sums ``loss_sum``, ``correct``, ``count``. Use it jitted:
-  :func:`train_step` (simplest), :func:`flat_train_step`, or :func:`resident_train_step` (what
-  the training loop uses).
+  :class:`Trainer` jits it once per run, with the first four arguments bound and ``leaves``
+  donated; it is the only train step.
+
+  Args:
+    graphdef: ``nnx.split((model, optimizer))``'s graph definition.
+    treedef: the tree structure of that split's state; ``leaves`` are its leaves (the model's and
+      the optimizer's arrays: a flat list goes through ``jit`` faster than an ``nnx.State``).
+    augment: ``crop_flip``, ``crop`` or ``none``; the key is ``fold_in(rng, optimizer.step)``, so
+      a resumed run draws the same crops.
+    batch_sharding: where the batch goes: split along the mesh's ``data`` axis.
+    leaves: the state's arrays before the step.
+    totals: the epoch's running ``loss_sum``, ``correct`` and ``count`` (kept on the devices).
+    data: ``(images, labels)`` of the whole split, uint8 images, replicated.
+    idx: the epoch's example indices, ``(steps, batch)``.
+    mask: 1 for real rows, 0 for the padding of the last batch, ``(steps, batch)``.
+    s: the step within the epoch, an int32 scalar on the devices.
+    rng: the run's augmentation key.
+    mean_std: the per-channel mean and std, ``(2, channels)``.
+
+  Returns:
+    ``(leaves, totals, s + 1, loss)``: the state's arrays after the step, the updated totals,
+    the next step's index and this batch's mean loss.
   """
-  TRACE_COUNTS["train_step"] += 1
+  rows = idx[s]
+  batch = jax.lax.with_sharding_constraint(Batch(data[0][rows], data[1][rows], mask[s]),
+                                           batch_sharding)
+  model, optimizer = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
   images = batch.images
   if augment != "none":
     key = jax.random.fold_in(rng, optimizer.step[...])
@@ -207,74 +216,18 @@ def train_step_fn(
 
   grads, metrics = nnx.grad(loss_fn, has_aux=True)(model)
   optimizer.update(model, grads)
-  return metrics
+  totals = {k: totals[k] + metrics[k] for k in totals}
+  return jax.tree.leaves(nnx.state((model, optimizer))), totals, s + 1, metrics["loss"]
 
 
-train_step = nnx.jit(train_step_fn, static_argnames=("augment",))
-"""``train_step_fn`` under ``nnx.jit``: ``train_step(model, optimizer, batch, rng, mean_std)``."""
+def eval_step(graphdef: nnx.GraphDef, state: nnx.State, batch: Batch, mean_std: jax.Array
+              ) -> dict[str, jax.Array]:
+  """Loss and accuracy sums on ``batch`` with BatchNorm's running averages.
 
-
-@functools.lru_cache(maxsize=8)
-def flat_train_step(graphdef: nnx.GraphDef, treedef: Any, augment: str) -> Any:
-  """``train_step_fn`` jitted over the flat list of model + optimizer arrays (donated).
-
-  ``nnx.jit`` walks the module graph on every call, which costs milliseconds per step for deep
-  models on a GPU; a plain ``jax.jit`` over a list of arrays does not. Usage, for
-  ``graphdef, state = nnx.split((model, optimizer))`` and ``leaves, treedef =
-  jax.tree.flatten(state)``: ``leaves, metrics = flat_train_step(graphdef, treedef, augment)(
-  leaves, batch, rng, mean_std)``, then ``nnx.update((model, optimizer), jax.tree.unflatten(
-  treedef, leaves))``. Cached, so every epoch of a run reuses one compiled step.
+  :class:`Trainer` jits it once per run with ``graphdef`` (the model's) bound; ``state`` is
+  ``nnx.state(model)``.
   """
-
-  return jax.jit(_flat_step_fn(graphdef, treedef, augment), donate_argnums=0)
-
-
-def _flat_step_fn(graphdef: nnx.GraphDef, treedef: Any, augment: str) -> Any:
-  """``train_step_fn`` over the flat list of model + optimizer arrays (unjitted)."""
-
-  def step(leaves: list[jax.Array], batch: Batch, rng: jax.Array, mean_std: jax.Array
-           ) -> tuple[list[jax.Array], dict[str, jax.Array]]:
-    model, optimizer = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-    metrics = train_step_fn(model, optimizer, batch, rng, mean_std, augment)
-    return jax.tree.leaves(nnx.state((model, optimizer))), metrics
-
-  return step
-
-
-@functools.lru_cache(maxsize=8)
-def resident_train_step(
-    graphdef: nnx.GraphDef, treedef: Any, augment: str, batch_sharding: NamedSharding
-) -> Any:
-  """:func:`flat_train_step` that takes its batch from a dataset already on the devices.
-
-  ``leaves, totals, s, loss = resident_train_step(graphdef, treedef, augment, batch_sharding)(
-  leaves, totals, data, idx, mask, s, rng, mean_std)``: ``data = (images, labels)`` and the
-  epoch's ``idx``/``mask`` (``(steps, batch)``) are replicated on every device once per epoch;
-  step ``s`` (an int32 scalar on the devices, returned as ``s + 1``) gathers its rows on the
-  device and shards them along ``data``. ``totals`` accumulates the epoch's ``loss_sum``,
-  ``correct`` and ``count`` on the device. So a step moves nothing between host and device, and
-  a fast accelerator is never left waiting for batches.
-  """
-
-  def step(leaves: list[jax.Array], totals: dict[str, jax.Array],
-           data: tuple[jax.Array, jax.Array], idx: jax.Array, mask: jax.Array, s: jax.Array,
-           rng: jax.Array, mean_std: jax.Array
-           ) -> tuple[list[jax.Array], dict[str, jax.Array], jax.Array, jax.Array]:
-    rows = idx[s]
-    batch = Batch(data[0][rows], data[1][rows], mask[s])
-    batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
-    leaves, metrics = flat_step(leaves, batch, rng, mean_std)
-    totals = {k: totals[k] + metrics[k] for k in totals}
-    return leaves, totals, s + 1, metrics["loss"]
-
-  flat_step = _flat_step_fn(graphdef, treedef, augment)
-  return jax.jit(step, donate_argnums=0)
-
-
-@nnx.jit
-def eval_step(model: models.ResNet, batch: Batch, mean_std: jax.Array) -> dict[str, jax.Array]:
-  """Loss and accuracy sums on ``batch`` with BatchNorm's running averages."""
-  TRACE_COUNTS["eval_step"] += 1
+  model = nnx.merge(graphdef, state)
   logits = model(input_pipeline.normalize(batch.images, mean_std), train=False)
   return _loss_and_metrics(logits, batch.labels, batch.mask)[1]
 
@@ -371,70 +324,112 @@ def _replicated_on(mesh: Mesh, *trees: Any) -> tuple[Any, ...]:
       trees)
 
 
-_RESIDENT: list[tuple[Mesh, Split, tuple[jax.Array, jax.Array]]] = []
+class Trainer:
+  """A run's one jitted train step and one jitted eval step, and what they read on the devices.
 
+  :func:`train_and_evaluate` builds one per run; tests and ``benchmarks/throughput.py`` build it
+  the same way and call the same steps. It holds the graph definition, the shardings, the train
+  split (uploaded once, replicated: each step gathers its batch on the devices, so no step moves
+  data between host and device), the augmentation key and the normalization constants.
+  ``model`` and ``optimizer`` hold the state between epochs.
 
-def _resident(mesh: Mesh, split: Split) -> tuple[jax.Array, jax.Array]:
-  """``split``'s images and labels on the devices, uploaded once and reused every epoch.
-
-  Only the most recent split is kept, so the device memory of an earlier run is released.
+  Args:
+    model: the model, its arrays replicated on ``mesh``.
+    optimizer: its ``nnx.Optimizer``, likewise.
+    mesh: the devices, a 1-D mesh with axis ``data``.
+    split: the training images and labels.
+    config: the run (batch size, seed, augmentation, logging).
+    rng: the augmentation key, replicated.
+    mean_std: the per-channel mean and std, replicated.
+    before_step: if given, called with the run's step number (1, 2, ..., counted across epochs)
+      before each training step; tests use it to kill or pause a run at a given step.
   """
-  for m, cached, arrays in _RESIDENT:
-    if m is mesh and cached is split:
-      return arrays
-  _RESIDENT[:] = [(mesh, split, _replicated_on(mesh, split.images, split.labels))]
-  return _RESIDENT[0][2]
 
+  def __init__(self, model: models.ResNet, optimizer: nnx.Optimizer, mesh: Mesh, split: Split,
+               config: Config, rng: jax.Array, mean_std: jax.Array, *,
+               before_step: Callable[[int], None] | None = None) -> None:
+    self.model, self.optimizer, self.mesh, self.split = model, optimizer, mesh, split
+    self.config, self.rng, self.mean_std, self.before_step = config, rng, mean_std, before_step
+    graphdef, state = nnx.split((model, optimizer))
+    self.treedef = jax.tree.structure(state)
+    self.data = _replicated_on(mesh, split.images, split.labels)
+    self.train_step = jax.jit(
+        functools.partial(train_step, graphdef, self.treedef, config.augment,
+                          NamedSharding(mesh, PartitionSpec("data"))),
+        donate_argnums=0)
+    self.eval_step = jax.jit(functools.partial(eval_step, nnx.graphdef(model)))
 
-def train_epoch(
-    model: models.ResNet, optimizer: nnx.Optimizer, mesh: Mesh, split: Split, config: Config,
-    epoch: int, rng: jax.Array, mean_std: jax.Array,
-) -> dict[str, float]:
-  """One pass over ``split`` (shuffled by ``(seed, epoch)``); returns mean loss and accuracy.
+  def leaves(self) -> list[jax.Array]:
+    """The model's and the optimizer's arrays, as :func:`train_step` takes them."""
+    return jax.tree.leaves(nnx.state((self.model, self.optimizer)))
 
-  The split lives on the devices (uploaded on first use) and each step gathers its batch there
-  (:func:`resident_train_step`); the step counter lives there too. After the epoch's indices are
-  uploaded, no step moves data between host and device (a test runs an epoch under
-  ``jax.transfer_guard("disallow")``). The host reads the loss only every ``log_every_steps``
-  steps, and then the value of the previous such read, which is already computed: it never waits
-  for the device in the middle of an epoch.
+  def set_leaves(self, leaves: list[jax.Array]) -> None:
+    """Puts :func:`train_step`'s output arrays back into the model and the optimizer."""
+    nnx.update((self.model, self.optimizer), jax.tree.unflatten(self.treedef, leaves))
 
-  Raises:
-    TrainingDivergedError: the loss is not finite.
-  """
-  idx, mask = input_pipeline.train_batches(len(split), config.batch_size, config.seed, epoch)
-  data = _resident(mesh, split)
-  idx, mask = _replicated_on(mesh, idx.astype(np.int32), mask)
-  graphdef, state = nnx.split((model, optimizer))
-  leaves, treedef = jax.tree.flatten(state)
-  step_fn = resident_train_step(graphdef, treedef, config.augment,
-                                NamedSharding(mesh, PartitionSpec("data")))
-  names = ("loss_sum", "correct", "count")
-  *zeros, s_dev = _replicated_on(mesh, *[np.zeros((), np.float32)] * 3, np.zeros((), np.int32))
-  totals = dict(zip(names, zeros, strict=True))
-  pending: tuple[int, jax.Array, dict[str, jax.Array]] | None = None
-  show = config.progress and jax.process_index() == 0
-  try:
-    with tqdm(total=len(idx), desc=f"epoch {epoch}/{config.epochs}", leave=False,
-              disable=not show, dynamic_ncols=True) as bar:
-      for s in range(len(idx)):
-        leaves, totals, s_dev, loss = step_fn(leaves, totals, data, idx, mask, s_dev, rng,
-                                              mean_std)
-        if (s + 1) % config.log_every_steps == 0:
-          if pending is not None:  # Computed long ago: reading it does not stall the device.
-            seen_loss, seen_totals = jax.device_get((pending[1], pending[2]))
-            _check_finite(float(seen_loss), epoch, pending[0])
-            bar.set_postfix(loss=f"{float(seen_loss):.4f}",
-                            acc=f"{_means(seen_totals)['accuracy']:.3f}", refresh=False)
-          pending = (s + 1, loss, totals)
-        bar.update()
-  finally:  # The step donated the old arrays: hand the new ones back to the model.
-    nnx.update((model, optimizer), jax.tree.unflatten(treedef, leaves))
-  _check_finite(float(jax.device_get(loss)), epoch, len(idx))
-  result = _means(totals)
-  if not math.isfinite(result["loss"]):
-    raise TrainingDivergedError(f"mean loss is {result['loss']} in epoch {epoch}")
-  return result
+  def epoch_batches(self, epoch: int) -> tuple[jax.Array, jax.Array]:
+    """The epoch's ``(idx, mask)``, each ``(steps, batch)``, shuffled by ``(seed, epoch)``, on
+    the devices."""
+    idx, mask = input_pipeline.train_batches(len(self.split), self.config.batch_size,
+                                             self.config.seed, epoch)
+    return _replicated_on(self.mesh, idx.astype(np.int32), mask)
+
+  def zeros(self) -> tuple[dict[str, jax.Array], jax.Array]:
+    """Zero ``totals`` and step index ``s = 0`` on the devices, for an epoch's first step."""
+    *zeros, s = _replicated_on(self.mesh, *[np.zeros((), np.float32)] * 3,
+                               np.zeros((), np.int32))
+    return dict(zip(("loss_sum", "correct", "count"), zeros, strict=True)), s
+
+  def train_epoch(self, epoch: int) -> dict[str, float]:
+    """One pass over the split (shuffled by ``(seed, epoch)``); returns mean loss and accuracy.
+
+    After the epoch's indices are uploaded, no step moves data between host and device (a test
+    runs an epoch under ``jax.transfer_guard("disallow")``). The host reads the loss only every
+    ``log_every_steps`` steps, and then the value of the previous such read, which is already
+    computed: it never waits for the device in the middle of an epoch.
+
+    Raises:
+      TrainingDivergedError: the loss is not finite.
+    """
+    config = self.config
+    idx, mask = self.epoch_batches(epoch)
+    totals, s_dev = self.zeros()
+    leaves = self.leaves()
+    first_step = (epoch - 1) * len(idx) + 1
+    pending: tuple[int, jax.Array, dict[str, jax.Array]] | None = None
+    show = config.progress and jax.process_index() == 0
+    try:
+      with tqdm(total=len(idx), desc=f"epoch {epoch}/{config.epochs}", leave=False,
+                disable=not show, dynamic_ncols=True) as bar:
+        for s in range(len(idx)):
+          if self.before_step is not None:
+            self.before_step(first_step + s)
+          leaves, totals, s_dev, loss = self.train_step(leaves, totals, self.data, idx, mask,
+                                                        s_dev, self.rng, self.mean_std)
+          if (s + 1) % config.log_every_steps == 0:
+            if pending is not None:  # Computed long ago: reading it does not stall the device.
+              seen_loss, seen_totals = jax.device_get((pending[1], pending[2]))
+              _check_finite(float(seen_loss), epoch, pending[0])
+              bar.set_postfix(loss=f"{float(seen_loss):.4f}",
+                              acc=f"{_means(seen_totals)['accuracy']:.3f}", refresh=False)
+            pending = (s + 1, loss, totals)
+          bar.update()
+    finally:  # The step donated the old arrays: hand the new ones back to the model.
+      self.set_leaves(leaves)
+    _check_finite(float(jax.device_get(loss)), epoch, len(idx))
+    result = _means(totals)
+    if not math.isfinite(result["loss"]):
+      raise TrainingDivergedError(f"mean loss is {result['loss']} in epoch {epoch}")
+    return result
+
+  def evaluate(self, split: Split, batch_size: int) -> dict[str, float]:
+    """Mean loss and accuracy over all of ``split`` (the last batch is padded and masked)."""
+    idx, mask = input_pipeline.eval_batches(len(split), batch_size)
+    state = nnx.state(self.model)
+    return _sum_metrics([
+        self.eval_step(state, input_pipeline.shard_batch(self.mesh, split, i, m), self.mean_std)
+        for i, m in zip(idx, mask, strict=True)
+    ])
 
 
 def _check_finite(loss: float, epoch: int, step: int) -> None:
@@ -442,23 +437,19 @@ def _check_finite(loss: float, epoch: int, step: int) -> None:
     raise TrainingDivergedError(f"loss is {loss} at epoch {epoch}, step {step}")
 
 
-def evaluate(model: models.ResNet, mesh: Mesh, split: Split, batch_size: int,
-             mean_std: jax.Array) -> dict[str, float]:
-  """Mean loss and accuracy over all of ``split`` (the last batch is padded and masked)."""
-  idx, mask = input_pipeline.eval_batches(len(split), batch_size)
-  step_fn = nnx.cached_partial(eval_step, model)
-  return _sum_metrics([
-      step_fn(input_pipeline.shard_batch(mesh, split, i, m), mean_std)
-      for i, m in zip(idx, mask, strict=True)
-  ])
-
-
-def train_and_evaluate(config: Config, workdir: str | Path) -> dict[str, Any]:
+def train_and_evaluate(
+    config: Config, workdir: str | Path, *, before_step: Callable[[int], None] | None = None
+) -> dict[str, Any]:
   """Trains and evaluates every epoch, resuming from ``workdir`` if it holds a checkpoint.
+
+  Nothing is written before the config, the workdir and the data have been checked. If the
+  newest checkpoint does not restore (a truncated file, a half-written step), it is moved to
+  ``<workdir>/checkpoints_broken/`` and the run resumes from the newest one that restores.
 
   Args:
     config: the run; see :class:`~examples.cifar.config.Config`.
     workdir: where metrics, checkpoints and the summary go.
+    before_step: passed to :class:`Trainer`: called with the step number before each step.
 
   Returns:
     The summary (also written to ``<workdir>/summary.json``): ``final_test_accuracy``,
@@ -467,8 +458,9 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> dict[str, Any]:
   Raises:
     TrainingDivergedError: the loss became NaN/Inf (the last good checkpoint stays).
     DataError: the data is missing or unreadable.
-    ValueError: a bad config, ``workdir`` holds a run with a different config or process count,
-      or (raised in every process) the processes were started with different configs.
+    ValueError: a bad config; ``workdir`` is (or is under) a file, holds a run with a different
+      config or process count, or holds checkpoints none of which restores; or (raised in every
+      process) the processes were started with different configs.
   """
   config = config.resolved()
   if config.distributed:
@@ -480,7 +472,8 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> dict[str, Any]:
   verdict = ""  # Process 0 checks the workdir and every process raises its error.
   if chief:
     try:
-      _check_or_write_config(workdir, config)
+      check_workdir(workdir)
+      _check_config(workdir, config)
     except ValueError as e:
       verdict = str(e)
   if verdict := _gather_text(verdict)[0]:
@@ -488,6 +481,9 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> dict[str, Any]:
 
   data = input_pipeline.load_dataset(config.dataset, config.data_dir,
                                      allow_unverified=config.allow_unverified_data)
+  if chief:  # The first thing written: after the config, the workdir and the data are checked.
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
   train_split = data.train
   if config.train_subset is not None:
     train_split = input_pipeline.stratified_subset(train_split, config.train_subset)
@@ -495,7 +491,7 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> dict[str, Any]:
 
   mesh = make_mesh()
   if config.batch_size % mesh.size:
-    raise ValueError(f"batch size {config.batch_size} must be divisible by the {mesh.size} "
+    raise ValueError(f"--batch-size {config.batch_size} must be divisible by the {mesh.size} "
                      "devices.")
   eval_batch_size = -(-min(config.eval_batch_size, len(data.test)) // mesh.size) * mesh.size
   steps_per_epoch = -(-len(train_split) // config.batch_size)
@@ -509,19 +505,9 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> dict[str, Any]:
   rng = jax.random.fold_in(jax.random.key(config.seed), 1 << 30)  # Apart from init's keys.
   rng, mean_std = _replicated_on(mesh, rng, mean_std)
 
-  checkpoints = ocp.CheckpointManager(
-      workdir / "checkpoints",
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=config.checkpoints_to_keep, create=True, enable_async_checkpointing=False),
-  )
-  start_epoch = checkpoints.latest_step() or 0
-  if start_epoch:
-    state = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
-    restored = checkpoints.restore(start_epoch, args=ocp.args.StandardRestore(state))
-    nnx.update(model, restored["model"])
-    nnx.update(optimizer, restored["optimizer"])
-  history = _load_history(workdir / "metrics.jsonl", upto=start_epoch, rewrite=chief)
   log = tqdm.write if chief else (lambda _: None)
+  checkpoints, start_epoch = _restore_newest(workdir, model, optimizer, config, chief)
+  history = _load_history(workdir / "metrics.jsonl", upto=start_epoch, rewrite=chief)
   if len(history) != start_epoch:
     log(f"note: {workdir / 'metrics.jsonl'} holds {len(history)} of the {start_epoch} "
         "checkpointed epochs; the summary covers only those.")
@@ -534,13 +520,15 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> dict[str, Any]:
       + (f", {jax.process_count()} processes | " if jax.process_count() > 1 else " | ")
       + (f"resuming after epoch {start_epoch}" if start_epoch else f"workdir {workdir}"))
 
+  trainer = Trainer(model, optimizer, mesh, train_split, config, rng, mean_std,
+                    before_step=before_step)
   for epoch in range(start_epoch + 1, config.epochs + 1):
     start = time.perf_counter()
-    if epoch == 1 or epoch % max(config.gc_log_every_epochs, 1) == 0:
+    if epoch == 1 or epoch % config.gc_log_every_epochs == 0:
       _log_gc_shares(model, mesh, train_split, config, epoch, mean_std, workdir, log, chief,
                      output_axis)
     try:
-      train = train_epoch(model, optimizer, mesh, train_split, config, epoch, rng, mean_std)
+      train = trainer.train_epoch(epoch)
     except TrainingDivergedError as e:
       last = checkpoints.latest_step()
       where = f"epoch {last} in {workdir / 'checkpoints'}" if last else "none (no epoch finished)"
@@ -548,7 +536,7 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> dict[str, Any]:
           f"training diverged: {e}. Last good checkpoint: {where}. Lower --lr (or add "
           "--warmup-epochs) and use a new --workdir.") from None
     train_seconds = time.perf_counter() - start
-    test = evaluate(model, mesh, data.test, eval_batch_size, mean_std)
+    test = trainer.evaluate(data.test, eval_batch_size)
     record = {
         "epoch": epoch,
         "train_loss": train["loss"], "train_accuracy": train["accuracy"],
@@ -575,6 +563,68 @@ def train_and_evaluate(config: Config, workdir: str | Path) -> dict[str, Any]:
   if chief:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   return summary
+
+
+def _checkpoint_manager(workdir: Path, config: Config) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      workdir / "checkpoints",
+      options=ocp.CheckpointManagerOptions(
+          max_to_keep=config.checkpoints_to_keep, create=True, enable_async_checkpointing=False),
+  )
+
+
+def _restore_newest(workdir: Path, model: models.ResNet, optimizer: nnx.Optimizer,
+                    config: Config, chief: bool) -> tuple[ocp.CheckpointManager, int]:
+  """Restores the newest checkpoint that restores; returns the manager and its epoch (0: none).
+
+  Newer checkpoints that fail to restore are moved (never deleted) to
+  ``<workdir>/checkpoints_broken/<epoch>``, each with a one-line warning. If checkpoints exist but
+  none restores, nothing is moved and a ``ValueError`` names the folder.
+  """
+  checkpoints = _checkpoint_manager(workdir, config)
+  target = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
+  broken: list[tuple[int, str]] = []
+  for step in sorted(checkpoints.all_steps(), reverse=True):
+    try:
+      restored = checkpoints.restore(step, args=ocp.args.StandardRestore(target))
+    except Exception as e:  # Any failure: this step cannot be resumed from.
+      broken.append((step, f"{type(e).__name__}: {_first_line(e)}"))
+      continue
+    nnx.update(model, restored["model"])
+    nnx.update(optimizer, restored["optimizer"])
+    if not broken:
+      return checkpoints, step
+    checkpoints.close()
+    for bad, reason in broken:
+      if chief:
+        moved = _move_aside(workdir / "checkpoints" / str(bad), workdir / "checkpoints_broken")
+        print(f"warning: checkpoint {bad} in {workdir / 'checkpoints'} does not restore "
+              f"({reason}); moved it to {moved}; resuming from checkpoint {step}.",
+              file=sys.stderr, flush=True)
+    if jax.process_count() > 1:  # The others wait until process 0 has moved them.
+      multihost_utils.sync_global_devices("moved broken checkpoints aside")
+    return _checkpoint_manager(workdir, config), step
+  if broken:
+    checkpoints.close()
+    reasons = "; ".join(f"{step}: {reason}" for step, reason in broken)
+    raise ValueError(f"no checkpoint in {workdir / 'checkpoints'} restores ({reasons}); move "
+                     "that folder aside to start over, or use a new --workdir.")
+  return checkpoints, 0
+
+
+def _first_line(error: BaseException, limit: int = 120) -> str:
+  """The first line of ``error``'s message, cut to ``limit`` characters."""
+  text = (str(error).strip().splitlines() or [""])[0]
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _move_aside(path: Path, folder: Path) -> Path:
+  """Moves ``path`` into ``folder`` (created), under a name not taken yet; returns the new path."""
+  folder.mkdir(parents=True, exist_ok=True)
+  target, n = folder / path.name, 1
+  while target.exists():
+    target, n = folder / f"{path.name}.{n}", n + 1
+  return Path(shutil.move(path, target))
 
 
 def _log_gc_shares(model: models.ResNet, mesh: Mesh, split: Split, config: Config, epoch: int,
@@ -641,26 +691,39 @@ def _check_processes_agree(config: Config) -> None:
                        "start every process with the same flags.")
 
 
-def _check_or_write_config(workdir: Path, config: Config) -> None:
-  """Writes ``config.json``, or checks that a resumed run has the same trajectory config."""
-  workdir.mkdir(parents=True, exist_ok=True)
+def check_workdir(workdir: Path) -> None:
+  """Raises a one-line ``ValueError`` if ``workdir`` is a file or lies under one (creates nothing).
+  """
+  for path in (workdir, *workdir.parents):
+    if path.exists():
+      if not path.is_dir():
+        where = "is a file" if path == workdir else f"is under {path}, which is a file"
+        raise ValueError(f"--workdir {workdir} {where}; give a folder.")
+      return
+
+
+def _check_config(workdir: Path, config: Config) -> None:
+  """Checks that a resumed run (``workdir/config.json``) has the same trajectory config."""
   path = workdir / "config.json"
+  if not path.exists():
+    return
   new = config.to_dict()
-  if path.exists():
+  try:
     old = json.loads(path.read_text())
-    old.setdefault("num_processes", 1)  # Written before runs recorded it: by one process.
-    if old["num_processes"] != new["num_processes"]:
-      raise ValueError(
-          f"{workdir} holds a run trained by {old['num_processes']} process(es); this launch "
-          f"has {new['num_processes']}. Resume it with {old['num_processes']}, or use a new "
-          "--workdir.")
-    diffs = {k: (old.get(k), v) for k, v in new.items()
-             if k not in BOOKKEEPING_FIELDS and old.get(k) != v}
-    if diffs:
-      changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diffs.items())
-      raise ValueError(f"{workdir} holds a run with another config ({changes}); use a new "
-                       "--workdir, or the original flags to resume.")
-  path.write_text(json.dumps(new, indent=2) + "\n")
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path} does not read ({_first_line(e)}); use a new --workdir.") from None
+  old.setdefault("num_processes", 1)  # Written before runs recorded it: by one process.
+  if old["num_processes"] != new["num_processes"]:
+    raise ValueError(
+        f"{workdir} holds a run trained by {old['num_processes']} process(es); this launch "
+        f"has {new['num_processes']}. Resume it with {old['num_processes']}, or use a new "
+        "--workdir.")
+  diffs = {k: (old.get(k), v) for k, v in new.items()
+           if k not in BOOKKEEPING_FIELDS and old.get(k) != v}
+  if diffs:
+    changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diffs.items())
+    raise ValueError(f"{workdir} holds a run with another config ({changes}); use a new "
+                     "--workdir, or the original flags to resume.")
 
 
 def _load_history(path: Path, upto: int, rewrite: bool) -> list[dict[str, Any]]:
@@ -717,8 +780,12 @@ def default_workdir(config: Config) -> Path:
                                    f"{config.gc}{location}{axes}_seed{config.seed}")
 
 
-def main(argv: list[str] | None = None) -> int:
-  """Parses flags, trains, prints the summary; returns the exit status."""
+def main(argv: list[str] | None = None, *,
+         before_step: Callable[[int], None] | None = None) -> int:
+  """Parses flags, trains, prints the summary; returns the exit status.
+
+  ``before_step`` is passed to :func:`train_and_evaluate` (tests use it to stop a run).
+  """
   parser = argparse.ArgumentParser(
       prog="python -m examples.cifar.train",
       description="Train a ResNet or ViT with Gradient Centralization (optax_gc) on CIFAR-10/100 "
@@ -729,7 +796,8 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     config = config_from_flags(args)
-    summary = train_and_evaluate(config, args.workdir or default_workdir(config))
+    summary = train_and_evaluate(config, args.workdir or default_workdir(config),
+                                 before_step=before_step)
   except (TrainingDivergedError, ValueError) as e:  # Raised in every process alike.
     return _fail(str(e))
   except DataError as e:  # Perhaps in this process only.

@@ -1,11 +1,17 @@
 """Tests for training: a tiny run, compile-once, exact resume after kill -9, NaN stop, 8 devices."""
 
+import collections
+import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,25 +53,52 @@ def _without_timing(records: list[dict]) -> list[dict]:
   return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
 
+def _options(text: str) -> set[str]:
+  """The whole option tokens in a help text: ``--gc-location`` is not ``--gc``."""
+  return set(re.findall(r"(?<![\w-])--[a-z][a-z-]*(?![\w-])", text))
+
+
 def test_help_documents_the_command_line_contract(capsys) -> None:
   with pytest.raises(SystemExit):
     train.main(["--help"])
-  text = capsys.readouterr().out
+  options = _options(capsys.readouterr().out)
   for flag in ("--dataset", "--data-dir", "--model", "--optimizer", "--gc", "--gc-location",
-               "--epochs", "--batch-size", "--lr", "--weight-decay", "--seed", "--train-subset",
-               "--workdir", "--distributed", "--coordinator-address", "--num-processes",
-               "--process-id", "--distributed-timeout"):
-    assert flag in text
+               "--gc-axes", "--epochs", "--batch-size", "--lr", "--weight-decay", "--seed",
+               "--train-subset", "--workdir", "--distributed", "--coordinator-address",
+               "--num-processes", "--process-id", "--distributed-timeout"):
+    assert flag in options, flag
+  assert _options("--gc-location --distributed-timeout") == {"--gc-location",
+                                                              "--distributed-timeout"}
+
+
+@contextlib.contextmanager
+def _compiles() -> Iterator[collections.Counter[str]]:
+  """Counts, by function name, what JAX compiles inside the block, from JAX's compile log."""
+  counts: collections.Counter[str] = collections.Counter()
+
+  class Handler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+      if record.msg.startswith("Compiling "):
+        counts[str(record.args[0])] += 1
+
+  logger = logging.getLogger("jax._src.interpreters.pxla")
+  handler, level = Handler(logging.DEBUG), logger.level
+  logger.addHandler(handler)
+  logger.setLevel(logging.DEBUG)
+  try:
+    yield counts
+  finally:
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 def test_digits_training_learns_compiles_once_and_writes_outputs(tmp_path: Path) -> None:
-  before = dict(train.TRACE_COUNTS)
-  status = train.main(["--config", "digits", "--epochs", "3", "--progress", "false",
-                       "--gc-log-every-epochs", "2", "--workdir", str(tmp_path)])
+  with _compiles() as compiles:
+    status = train.main(["--config", "digits", "--epochs", "3", "--progress", "false",
+                         "--gc-log-every-epochs", "2", "--workdir", str(tmp_path)])
   assert status == 0
   # 1437 images in batches of 32: the last batch is partial, and still nothing recompiles.
-  assert train.TRACE_COUNTS["train_step"] - before.get("train_step", 0) == 1
-  assert train.TRACE_COUNTS["eval_step"] - before.get("eval_step", 0) == 1
+  assert compiles["jit(train_step)"] == 1 and compiles["jit(eval_step)"] == 1, compiles
 
   records = _metrics(tmp_path)
   assert [r["epoch"] for r in records] == [1, 2, 3]
@@ -112,28 +145,56 @@ def test_none_arm_is_the_gc_chain_minus_centralization(optimizer: str, location:
     params = optax.apply_updates(params, updates["none"])
 
 
-@pytest.mark.parametrize("optimizer, location", [
-    ("sgd", "gradient"), ("adam", "gradient"), ("adam", "update"), ("adamw", "gradient"),
-    ("adamw", "update")])
-def test_optax_axes_put_optax_centralize_in_gcs_place(optimizer: str, location: str) -> None:
-  """``gc_axes="optax"`` is the optax_gc alias with ``optax.centralize()`` (axis 0) for GC."""
-  params = {"w": jnp.arange(12.0).reshape(3, 4) / 10, "b": jnp.ones(4)}
-  base = Config(optimizer=optimizer, gc_location=location, epochs=10, weight_decay=1e-2)
-  tx = train.make_optimizer(dataclasses.replace(base, gc_axes="optax"), 5)
-  axis0 = train.make_optimizer(dataclasses.replace(base, gc_axes="last"), 5, output_axis=0)
-  last = train.make_optimizer(dataclasses.replace(base, gc_axes="last"), 5)
-  txs = {"optax": tx, "axis0": axis0, "last": last}
-  states = {k: t.init(params) for k, t in txs.items()}
-  for step in range(3):
+def _plain_optax(optimizer: str, lr: optax.Schedule, wd: float, gc: Any = None
+                 ) -> optax.GradientTransformation:
+  """The optimizer written out in Optax, with ``gc`` (or nothing) where GC goes."""
+  gc = [] if gc is None else [gc]
+  if optimizer == "sgd":
+    chain = [optax.add_decayed_weights(wd), *gc, optax.trace(decay=0.9)]
+  elif optimizer == "adam":
+    chain = [optax.add_decayed_weights(wd), *gc, optax.scale_by_adam()]
+  else:
+    chain = [*gc, optax.scale_by_adam(), optax.add_decayed_weights(wd)]
+  return optax.chain(*chain, optax.scale_by_learning_rate(lr))
+
+
+def _run_updates(tx: optax.GradientTransformation, params: dict, steps: int = 3) -> list[dict]:
+  state, updates = tx.init(params), []
+  for step in range(steps):
     # Signs vary along both axes, so Adam's first step (about -lr * sign(g)) has no fixed mean.
     grads = jax.tree.map(lambda p, s=step: jnp.sin(p * 10 * (s + 3)) + 0.1, params)
-    updates = {}
-    for k, t in txs.items():
-      updates[k], states[k] = t.update(grads, states[k], params)
-    got, other = updates["optax"], updates["last"]
-    chex.assert_trees_all_close(got, updates["axis0"], rtol=1e-5, atol=1e-7)
-    assert not np.allclose(got["w"], other["w"])  # Not the default axis.
-    params = optax.apply_updates(params, got)
+    update, state = jax.jit(tx.update)(grads, state, params)
+    updates.append(update)
+    params = optax.apply_updates(params, update)
+  return updates
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_the_none_arm_is_plain_optax_bit_for_bit(optimizer: str) -> None:
+  """``--gc none`` is the alias with ``output_axis=None``: the Optax chain, to the last bit."""
+  params = {"w": jnp.arange(24.0).reshape(2, 3, 4) / 10, "b": jnp.ones(4)}
+  config = Config(optimizer=optimizer, gc="none", epochs=10, weight_decay=1e-2).resolved()
+  got = _run_updates(train.make_optimizer(config, 5), params)
+  lr = train.make_learning_rate(config, 5)
+  want = _run_updates(_plain_optax(optimizer, lr, 1e-2), params)
+  for g, w in zip(got, want, strict=True):
+    chex.assert_trees_all_equal(g, w)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_optax_axes_put_optax_centralize_in_gcs_place(optimizer: str) -> None:
+  """``gc_axes="optax"`` gives GC ``optax.centralize()``'s rule (keep axis 0) on every kernel."""
+  config = Config(optimizer=optimizer, gc_axes="optax", epochs=10, weight_decay=1e-2).resolved()
+  model = models.create_model("tiny", 10, 0)
+  output_axis = train.gc_output_axes(config, model, (32, 32, 3))
+  params = {"w": jnp.arange(12.0).reshape(3, 4) / 10, "b": jnp.ones(4)}
+  got = _run_updates(train.make_optimizer(config, 5, output_axis), params)
+  lr = train.make_learning_rate(config, 5)
+  want = _run_updates(_plain_optax(optimizer, lr, 1e-2, optax.centralize()), params)
+  last = _run_updates(train.make_optimizer(config, 5, -1), params)
+  for g, w, other in zip(got, want, last, strict=True):
+    chex.assert_trees_all_close(g, w, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(g["w"], other["w"])  # Not the default axis.
 
 
 def _one_step(name: str, gc_axes: str) -> dict[str, np.ndarray]:
@@ -197,32 +258,42 @@ def test_learning_rate_schedules() -> None:
 
 
 def test_epoch_moves_nothing_between_host_and_device_per_step_and_replays_its_batches() -> None:
-  """An epoch runs under ``transfer_guard("disallow")`` and equals stepping its batches by hand."""
+  """An epoch runs under ``transfer_guard("disallow")`` and equals calling its step by hand."""
   config = dataclasses.replace(SMALL, train_subset=250, log_every_steps=2).resolved()  # 8 steps.
   split = input_pipeline.stratified_subset(input_pipeline.load_dataset("digits").train, 250)
   mesh = train.make_mesh()
   mean_std = jnp.asarray([[8.0], [6.0]], jnp.float32)
   rng = jax.random.key(3)
 
-  def fresh() -> tuple[Any, nnx.Optimizer]:
+  def fresh(**kwargs: Any) -> train.Trainer:
     model = models.create_model("tiny", 10, 0)
-    return model, nnx.Optimizer(model, train.make_optimizer(config, 8), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, train.make_optimizer(config, 8), wrt=nnx.Param)
+    return train.Trainer(model, optimizer, mesh, split, config, rng, mean_std, **kwargs)
 
-  model, optimizer = fresh()
-  train.train_epoch(model, optimizer, mesh, split, config, 1, rng, mean_std)  # Compiles.
+  steps: list[int] = []
+  trainer = fresh(before_step=steps.append)
+  trainer.train_epoch(1)  # Compiles.
   with jax.transfer_guard("disallow"):  # Explicit device_put/device_get only.
-    got = train.train_epoch(model, optimizer, mesh, split, config, 2, rng, mean_std)
+    got = trainer.train_epoch(2)
+  assert steps == list(range(1, 17))  # The hook sees the run's step numbers, across epochs.
 
-  model, optimizer = fresh()  # The same two epochs, one explicit batch at a time.
+  trainer = fresh()  # The same two epochs, the same step called one batch at a time.
+  leaves = trainer.leaves()
   for epoch in (1, 2):  # `sums` keeps epoch 2's per-step sums.
-    idx, mask = input_pipeline.train_batches(250, 32, config.seed, epoch)
-    sums = [train.train_step(model, optimizer, input_pipeline.shard_batch(mesh, split, i, m), rng,
-                             mean_std) for i, m in zip(idx, mask, strict=True)]
+    idx, mask = trainer.epoch_batches(epoch)
+    sums = []
+    for s in range(8):
+      zeros, _ = trainer.zeros()
+      leaves, step_sums, s_next, _ = trainer.train_step(leaves, zeros, trainer.data, idx, mask,
+                                                        jnp.int32(s), rng, mean_std)
+      assert int(s_next) == s + 1
+      sums.append(step_sums)
+  trainer.set_leaves(leaves)
   totals = {k: sum(float(m[k]) for m in sums) for k in ("loss_sum", "correct", "count")}
   assert totals["count"] == 250  # Each image once: the last of the 8 batches is partial.
   assert got["loss"] == pytest.approx(totals["loss_sum"] / 250, rel=1e-5)
   assert got["accuracy"] == pytest.approx(totals["correct"] / 250, abs=1e-6)
-  assert int(optimizer.step[...]) == 16
+  assert int(trainer.optimizer.step[...]) == 16
 
 
 def test_resume_after_kill_9_gives_identical_metrics(tmp_path: Path) -> None:
@@ -230,23 +301,16 @@ def test_resume_after_kill_9_gives_identical_metrics(tmp_path: Path) -> None:
   train.train_and_evaluate(SMALL, reference)
 
   interrupted = tmp_path / "interrupted"
-  # 8 training steps per epoch: step call 12 is in the middle of epoch 2, after epoch 1's
-  # checkpoint.
+  # 8 training steps per epoch: step 12 is in the middle of epoch 2, after epoch 1's checkpoint.
   script = (
       "import json, os, signal, sys\n"
       "from examples.cifar import train\n"
       "from examples.cifar.config import Config\n"
-      "real, calls = train.resident_train_step, [0]\n"
-      "def step_then_maybe_die(*args):\n"
-      "  step = real(*args)\n"
-      "  def counted(*a):\n"
-      "    calls[0] += 1\n"
-      "    if calls[0] == 12:\n"
-      "      os.kill(os.getpid(), signal.SIGKILL)\n"
-      "    return step(*a)\n"
-      "  return counted\n"
-      "train.resident_train_step = step_then_maybe_die\n"
-      "train.train_and_evaluate(Config.from_dict(json.loads(sys.argv[1])), sys.argv[2])\n"
+      "def die_at_12(step):\n"
+      "  if step == 12:\n"
+      "    os.kill(os.getpid(), signal.SIGKILL)\n"
+      "train.train_and_evaluate(Config.from_dict(json.loads(sys.argv[1])), sys.argv[2],\n"
+      "                         before_step=die_at_12)\n"
   )
   killed = _python(script, json.dumps(SMALL.to_dict()), str(interrupted))
   assert killed.returncode == -9, killed.stderr[-2000:]
@@ -345,3 +409,131 @@ def test_linen_variant_learns() -> None:
   history = linen.train("gc", epochs=2)
   assert history[-1]["train_loss"] < history[0]["train_loss"]
   assert history[-1]["test_accuracy"] > 0.3
+
+
+# ----------------------------------------------------------------------------------------------
+# Failures: one line, nothing created, nothing lost.
+
+
+def _error_lines(capsys: pytest.CaptureFixture) -> list[str]:
+  return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def test_a_model_typo_is_refused_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+  workdir = tmp_path / "w"
+  for main in (train.main, compare.main):
+    with pytest.raises(SystemExit) as exit_:
+      main(["--config", "digits", "--model", "resnet9", "--workdir", str(workdir)])
+    assert exit_.value.code == 2
+    assert "argument --model: invalid choice: 'resnet9'" in _error_lines(capsys)[-1]
+  with pytest.raises(ValueError, match=r"--model must be one of \[.*'resnet8'.*\], got 'resnet9'"):
+    train.train_and_evaluate(dataclasses.replace(SMALL, model="resnet9"), workdir)
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--batch-size", "-1"),
+                                         ("--eval-batch-size", "0"), ("--log-every-steps", "0")])
+def test_a_number_that_must_be_positive_names_its_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture, flag: str, value: str) -> None:
+  assert train.main(["--config", "digits", flag, value, "--workdir", str(tmp_path / "w")]) == 1
+  assert _error_lines(capsys) == [f"error: {flag} must be positive, got {value}."]
+  assert not (tmp_path / "w").exists()
+
+
+def test_a_workdir_that_is_a_file_or_under_one_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+  file = tmp_path / "file"
+  file.write_text("not a folder")
+  for main in (train.main, compare.main):
+    assert main(["--config", "digits", "--workdir", str(file)]) == 1
+    assert _error_lines(capsys) == [f"error: --workdir {file} is a file; give a folder."]
+    assert main(["--config", "digits", "--workdir", str(file / "run")]) == 1
+    assert _error_lines(capsys) == [
+        f"error: --workdir {file / 'run'} is under {file}, which is a file; give a folder."]
+  assert file.read_text() == "not a folder"
+
+
+def test_missing_data_creates_no_workdir(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+  def offline(url: str, dest: Path, md5: str, *, missing_hint: str = "") -> None:
+    raise input_pipeline.DataError(f"offline: {missing_hint}")
+
+  monkeypatch.setattr(input_pipeline, "download_archive", offline)  # Never the network.
+  data_dir, workdir = tmp_path / "nowhere" / "cifar10", tmp_path / "w"
+  assert train.main(["--dataset", "cifar10", "--data-dir", str(data_dir), "--model", "tiny",
+                     "--workdir", str(workdir)]) == 1
+  (line,) = _error_lines(capsys)
+  assert line.startswith("error: offline: cifar10 not found in ") and str(data_dir) in line
+  assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, Path]:
+  """A finished two-epoch run of the tiny ResNet: checkpoints 1 and 2."""
+  config = dataclasses.replace(SMALL, epochs=2)
+  workdir = tmp_path_factory.mktemp("two_epochs")
+  train.train_and_evaluate(config, workdir)
+  return config, workdir
+
+
+def _truncate_largest_data_file(checkpoints: Path, step: int) -> None:
+  data = checkpoints / str(step) / "default" / "ocdbt.process_0" / "d"
+  largest = max(data.iterdir(), key=lambda f: f.stat().st_size)
+  largest.write_bytes(largest.read_bytes()[:largest.stat().st_size // 2])
+
+
+def _truncate_metadata(checkpoints: Path, step: int) -> None:
+  (checkpoints / str(step) / "default" / "_METADATA").write_bytes(b"")
+
+
+def _half_written_step_3(checkpoints: Path, step: int) -> None:
+  """Step 3's folder as a kill leaves it mid-save: some array files, no metadata."""
+  del step
+  shutil.copytree(checkpoints / "2" / "default" / "ocdbt.process_0",
+                  checkpoints / "3" / "default" / "ocdbt.process_0")
+
+
+@pytest.mark.parametrize("corrupt, bad", [(_truncate_largest_data_file, 2),
+                                          (_truncate_metadata, 2), (_half_written_step_3, 3)])
+def test_a_broken_checkpoint_is_moved_aside_and_the_run_resumes_from_the_one_before(
+    tmp_path: Path, capsys: pytest.CaptureFixture, two_epochs: tuple[Config, Path],
+    corrupt: Any, bad: int) -> None:
+  config, reference = two_epochs
+  workdir = tmp_path / "w"
+  shutil.copytree(reference, workdir)
+  corrupt(workdir / "checkpoints", 2)
+  broken_files = sorted(p.relative_to(workdir / "checkpoints" / str(bad))
+                        for p in (workdir / "checkpoints" / str(bad)).rglob("*"))
+  good = bad - 1
+  capsys.readouterr()
+  summary = train.train_and_evaluate(config, workdir)
+  (warning,) = [line for line in capsys.readouterr().err.splitlines()
+                if line.startswith("warning:")]
+  moved = workdir / "checkpoints_broken" / str(bad)
+  assert warning.startswith(f"warning: checkpoint {bad} in {workdir / 'checkpoints'} does not "
+                            "restore (")
+  assert warning.endswith(f"); moved it to {moved}; resuming from checkpoint {good}.")
+  # Nothing lost: the broken step is kept, file for file, and the run ends where it would have.
+  assert sorted(p.relative_to(moved) for p in moved.rglob("*")) == broken_files
+  assert summary["epochs"] == 2
+  assert _without_timing(_metrics(workdir)) == _without_timing(_metrics(reference))
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2"]
+
+
+def test_when_no_checkpoint_restores_one_line_names_the_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture, two_epochs: tuple[Config, Path]) -> None:
+  config, reference = two_epochs
+  workdir = tmp_path / "w"
+  shutil.copytree(reference, workdir)
+  for step in (1, 2):
+    _truncate_metadata(workdir / "checkpoints", step)
+  flags = ["--config", "digits", "--model", "tiny", "--train-subset", "256", "--batch-size", "32",
+           "--epochs", "2", "--augment", "crop_flip", "--schedule", "cosine", "--progress",
+           "false", "--workdir", str(workdir)]
+  assert train.main(flags) == 1
+  last = _error_lines(capsys)[-1]
+  assert last.startswith(f"error: no checkpoint in {workdir / 'checkpoints'} restores (2: ")
+  assert last.endswith("; move that folder aside to start over, or use a new --workdir.")
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2"]
+  assert not (workdir / "checkpoints_broken").exists()
