@@ -14,13 +14,14 @@ from typing import Any, Literal
 
 from examples.cifar.models import MODELS
 
-__all__ = ["Config", "Dataset", "Optimizer", "GcMode", "GcLocation", "GcAxes", "Schedule",
-           "Augmentation", "GC_MODES", "GC_LOCATIONS", "BOOKKEEPING_FIELDS", "DATASET_CONFIGS",
-           "add_flags", "config_name", "config_from_flags"]
+__all__ = ["Config", "Dataset", "Optimizer", "MuonDims", "GcMode", "GcLocation", "GcAxes",
+           "Schedule", "Augmentation", "GC_MODES", "GC_LOCATIONS", "BOOKKEEPING_FIELDS",
+           "DATASET_CONFIGS", "add_flags", "config_name", "config_from_flags"]
 
 # The options with a fixed set of values: Config checks them, and argparse offers them as choices.
 Dataset = Literal["cifar10", "cifar100", "digits"]
-Optimizer = Literal["sgd", "adam", "adamw"]
+Optimizer = Literal["sgd", "adam", "adamw", "muon"]
+MuonDims = Literal["inferred", "optax"]
 GcMode = Literal["none", "gc", "gcc"]
 GcLocation = Literal["gradient", "update"]
 GcAxes = Literal["inferred", "last", "optax"]
@@ -28,7 +29,7 @@ Schedule = Literal["step", "cosine", "constant"]
 Augmentation = Literal["crop_flip", "crop", "none"]
 GC_MODES: tuple[str, ...] = typing.get_args(GcMode)
 GC_LOCATIONS: tuple[str, ...] = typing.get_args(GcLocation)
-_DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3}
+_DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3, "muon": 1e-3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,10 @@ class Config:
 
   # Optimizer.
   optimizer: Optimizer = "sgd"
-  """``sgd`` (PyTorch-style momentum, coupled decay), ``adam`` (coupled decay) or ``adamw``."""
+  """``sgd`` (PyTorch-style momentum, coupled decay), ``adam`` (coupled decay), ``adamw``, or
+  ``muon`` (``optax.contrib.muon``: Muon on the kernels its dimension numbers pick, AdamW on the
+  rest, one learning rate and decoupled weight decay for both, Muon's update scaled to AdamW's
+  RMS, ``consistent_rms=0.2``)."""
   gc: GcMode = "gc"
   """``none`` (plain Optax), ``gc`` (conv and dense kernels) or ``gcc`` (conv kernels only)."""
   gc_location: GcLocation = "gradient"
@@ -66,8 +70,12 @@ class Config:
   ``output_axis=-1`` (right for Flax dense and conv kernels, wrong for attention's
   ``(in, heads, head_dim)``), ``optax`` swaps in ``optax.centralize()``, which keeps axis 0 (the
   PyTorch rule; wrong for every Flax kernel), for comparison only."""
+  muon_dims: MuonDims = "inferred"
+  """Muon's dimension numbers: ``inferred`` from the model (``optax_gc.muon_dimension_numbers``
+  of ``optax_gc.nnx_layout``: attention and conv kernels get Muon, the head and biases AdamW), or
+  ``optax``'s default (every 2-D leaf as ``(in, out)``, every other leaf AdamW)."""
   learning_rate: float | None = None
-  """Peak learning rate; ``None``: 0.1 for SGD, 1e-3 for Adam/AdamW."""
+  """Peak learning rate; ``None``: 0.1 for SGD, 1e-3 for Adam/AdamW/Muon."""
   weight_decay: float | None = None
   """``None``: 5e-4 (the paper's CIFAR setting); coupled for SGD/Adam, decoupled for AdamW."""
   momentum: float = 0.9
@@ -121,6 +129,9 @@ class Config:
     if self.gc == "gcc" and self.gc_axes == "optax":
       raise ValueError("gc_axes='optax' has no conv-only (gcc) form: optax.centralize() "
                        "centralizes every leaf of rank > 1. Use gc='gc', or another gc_axes.")
+    if self.optimizer == "muon" and (self.gc == "gcc" or self.gc_location == "update"):
+      raise ValueError("--optimizer muon takes --gc none or gc, on the gradient: GC runs "
+                       "before Muon's momentum, as it does before Adam's.")
     if not isinstance(self.allow_unverified_data, bool):
       raise ValueError(f"allow_unverified_data must be True or False, got "
                        f"{self.allow_unverified_data!r}.")
@@ -222,6 +233,8 @@ _FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--model": ("model", dict(help="ResNets for CIFAR (He et al.), ResNets with a CIFAR stem, "
                                    "small ones for tests, a small ViT")),
     "--optimizer": ("optimizer", dict()),
+    "--muon-dims": ("muon_dims", dict(help="Muon's dimension numbers: inferred from the model, or "
+                                           "optax's default (every 2-D leaf as (in, out))")),
     "--gc": ("gc", dict(help="none: plain Optax; gc: conv+dense kernels; gcc: conv kernels "
                              "only")),
     "--gc-location": ("gc_location", dict(help="centralize the gradient (paper) or the final "

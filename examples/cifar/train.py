@@ -112,11 +112,43 @@ def gc_output_axes(config: Config, model: nnx.Module, image_shape: tuple[int, ..
   return optax_gc.nnx_output_axes(model, x, train=True)
 
 
+def muon_dimension_numbers(config: Config, model: nnx.Module,
+                           image_shape: tuple[int, ...]) -> Any:
+  """Muon's ``muon_weight_dimension_numbers`` for ``config.muon_dims``.
+
+  Args:
+    config: the run; only ``muon_dims`` matters.
+    model: the model to train.
+    image_shape: one input image's shape, ``(height, width, channels)``.
+
+  Returns:
+    For ``inferred``, ``optax_gc.muon_dimension_numbers`` of the layout ``optax_gc.nnx_layout``
+    reads from ``model(x, train=True)``: kernels with a fan-in and an output of several entries
+    each get Muon, over their true fan-in, except the head; the rest gets AdamW. For ``optax``,
+    ``None``: Optax's default, Muon on every 2-D leaf read as ``(in, out)``.
+  """
+  if config.muon_dims == "optax":
+    return None
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  layout = optax_gc.nnx_layout(model, x, train=True)
+  return optax_gc.muon_dimension_numbers(layout, nnx.as_pure(nnx.state(model, nnx.Param)))
+
+
+def _muon(learning_rate: optax.ScalarOrSchedule, weight_decay: float, output_axis: Any,
+          dimension_numbers: Any) -> optax.GradientTransformation:
+  """GC (``output_axis=None``: none), then ``optax.contrib.muon`` with AdamW on the rest."""
+  return optax.chain(
+      optax_gc.centralize(output_axis),
+      optax.contrib.muon(learning_rate, weight_decay=weight_decay,
+                         adam_weight_decay=weight_decay,
+                         muon_weight_dimension_numbers=dimension_numbers, consistent_rms=0.2))
+
+
 _ALIASES = {"sgd": optax_gc.gc_sgd, "adam": optax_gc.gc_adam, "adamw": optax_gc.gc_adamw}
 
 
 def make_optimizer(
-    config: Config, steps_per_epoch: int, output_axis: Any = -1
+    config: Config, steps_per_epoch: int, output_axis: Any = -1, muon_dims: Any = None
 ) -> optax.GradientTransformation:
   """The ``optax_gc`` alias for ``config.optimizer``, with GC as ``config.gc`` asks.
 
@@ -129,6 +161,7 @@ def make_optimizer(
   sgd       [GC] -> coupled weight decay -> trace (PyTorch momentum) -> scale by lr
   adam      [GC] -> coupled weight decay -> scale_by_adam -> scale by lr
   adamw     [GC] -> scale_by_adam -> decoupled weight decay -> scale by lr
+  muon      [GC] -> optax.contrib.muon (Muon on the leaves ``muon_dims`` picks, AdamW on the rest)
   ========  ===================================================================================
 
   Args:
@@ -136,11 +169,16 @@ def make_optimizer(
     steps_per_epoch: optimizer steps per epoch (for the learning-rate schedule).
     output_axis: the output axes GC keeps, as :func:`gc_output_axes` gives them: an int, a tuple,
       or a spec tree. Unused for ``gc="none"``.
+    muon_dims: for ``muon``, Muon's dimension numbers, as :func:`muon_dimension_numbers` gives
+      them (``None``: Optax's default).
 
   Returns:
     The :class:`optax.GradientTransformation`.
   """
   config = config.resolved()
+  if config.optimizer == "muon":
+    return _muon(make_learning_rate(config, steps_per_epoch), config.weight_decay,
+                 None if config.gc == "none" else output_axis, muon_dims)
   hyperparameters = {
       "sgd": dict(momentum=config.momentum, nesterov=config.nesterov),
       "adam": dict(b1=config.b1, b2=config.b2, eps=config.eps),
@@ -498,7 +536,9 @@ def train_and_evaluate(
 
   model = models.create_model(config.model, data.num_classes, config.seed)
   output_axis = gc_output_axes(config, model, train_split.images.shape[1:])
-  tx = make_optimizer(config, steps_per_epoch, output_axis)
+  muon_dims = (muon_dimension_numbers(config, model, train_split.images.shape[1:])
+               if config.optimizer == "muon" else None)
+  tx = make_optimizer(config, steps_per_epoch, output_axis, muon_dims)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   _replicate(mesh, model, optimizer)
   schedule = make_learning_rate(config, steps_per_epoch)
@@ -713,6 +753,8 @@ def _check_config(workdir: Path, config: Config) -> None:
   except (OSError, json.JSONDecodeError) as e:
     raise ValueError(f"{path} does not read ({_first_line(e)}); use a new --workdir.") from None
   old.setdefault("num_processes", 1)  # Written before runs recorded it: by one process.
+  # A field added to Config since the run started had its default then (--muon-dims, ...).
+  old = {**{k: v for k, v in Config().to_dict().items() if k not in old}, **old}
   if old["num_processes"] != new["num_processes"]:
     raise ValueError(
         f"{workdir} holds a run trained by {old['num_processes']} process(es); this launch "
