@@ -202,6 +202,9 @@ RESNET20 = Study(
 )
 
 _SEEDS5 = (0, 1, 2, 3, 4)
+# Muon's learning rate (its AdamW part's too): chosen on seed 0 of the `muon` arm alone, from 1e-3
+# (AdamW's) and 3e-3, before any other Muon run (`--lr`, the pilot in the report).
+MUON_LR = 1e-3
 
 VIT = Study(
     name="vit",
@@ -227,20 +230,36 @@ VIT = Study(
         "adamw_gc": {"gc": "gc", "gc_axes": "inferred"},
         "adamw_gc_last": {"gc": "gc", "gc_axes": "last"},
         "adamw_gc_update": {"gc": "gc", "gc_axes": "inferred", "gc_location": "update"},
+        # Issue 16: Muon (AdamW on the leaves Muon does not take), the same protocol otherwise.
+        "muon_optax": {"optimizer": "muon", "muon_dims": "optax", "gc": "none",
+                       "learning_rate": MUON_LR},
+        "muon": {"optimizer": "muon", "muon_dims": "inferred", "gc": "none",
+                 "learning_rate": MUON_LR},
+        "muon_gc": {"optimizer": "muon", "muon_dims": "inferred", "gc": "gc",
+                    "gc_axes": "inferred", "learning_rate": MUON_LR},
     },
     labels={
         "adamw": "AdamW", "adamw_gc": "AdamW + GC (inferred axes)",
         "adamw_gc_last": "AdamW + GC (axis -1)",
         "adamw_gc_update": "AdamW + GC on the update (inferred axes)",
+        "muon_optax": "Muon (Optax's default dimension numbers)",
+        "muon": "Muon (inferred dimension numbers)",
+        "muon_gc": "Muon (inferred) + GC (inferred axes)",
     },
     pairs=(
         Pair("adamw_gc", "adamw", _SEEDS5),
         Pair("adamw_gc_last", "adamw", _SEEDS5),
         Pair("adamw_gc_last", "adamw_gc", _SEEDS5),
         Pair("adamw_gc_update", "adamw", _SEEDS5),
+        Pair("muon_optax", "adamw", _SEEDS5),
+        Pair("muon", "adamw", _SEEDS5),
+        Pair("muon_gc", "adamw", _SEEDS5),
+        Pair("muon", "muon_optax", _SEEDS5),
+        Pair("muon_gc", "muon", _SEEDS5),
     ),
     plot_groups=(("AdamW, GC on the gradient", ("adamw", "adamw_gc", "adamw_gc_last")),
-                 ("AdamW, GC on the update", ("adamw", "adamw_gc_update"))),
+                 ("AdamW, GC on the update", ("adamw", "adamw_gc_update")),
+                 ("Muon", ("adamw", "muon_optax", "muon", "muon_gc"))),
     runs_dir="study_vit",
     report="results_vit.md",
     plot="study_vit_curves.png",
@@ -814,6 +833,8 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--model", default=None)
   p.add_argument("--epochs", type=int, default=None)
   p.add_argument("--train-subset", type=int, default=None)
+  p.add_argument("--lr", type=float, default=None,
+                 help="the learning rate of every arm run (a pilot; write to another --out-dir)")
   a = p.parse_args(argv)
 
   study = STUDIES[a.study]
@@ -834,6 +855,10 @@ def main(argv: list[str] | None = None) -> None:
     seeds = list(study.default_seeds) if a.seeds is None else [
         int(x) for x in a.seeds.split(",") if x]
     data_dir = None if protocol["dataset"] == "digits" else Path(a.data_dir)
+    if a.lr is not None:
+      protocol["learning_rate"] = a.lr
+      study = dataclasses.replace(study, arms={
+          k: {**v, "learning_rate": a.lr} for k, v in study.arms.items()})
     run_study(study, arms, seeds, protocol, data_dir, out_dir, Path(a.workdir),
               max_runs=a.max_runs)
   path = write_report(study, out_dir)
