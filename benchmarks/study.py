@@ -202,9 +202,10 @@ RESNET20 = Study(
 )
 
 _SEEDS5 = (0, 1, 2, 3, 4)
-# Muon's learning rate (its AdamW part's too): chosen on seed 0 of the `muon` arm alone, from 1e-3
-# (AdamW's) and 3e-3, before any other Muon run (`--lr`, the pilot in the report).
-MUON_LR = 1e-3
+# Muon's learning rate (its AdamW part's too): chosen on seed 0 of the `muon` arm alone, before
+# any other Muon run, from 1e-3 (AdamW's: 49.58% final test accuracy) and 3e-3 (56.98%), with
+# `--arms muon --seeds 0 --lr X --out-dir workdirs/pilot_lrX`. The 3e-3 run is that arm's seed 0.
+MUON_LR = 3e-3
 
 VIT = Study(
     name="vit",
@@ -855,8 +856,7 @@ def main(argv: list[str] | None = None) -> None:
     seeds = list(study.default_seeds) if a.seeds is None else [
         int(x) for x in a.seeds.split(",") if x]
     data_dir = None if protocol["dataset"] == "digits" else Path(a.data_dir)
-    if a.lr is not None:
-      protocol["learning_rate"] = a.lr
+    if a.lr is not None:  # each arm's own learning rate; the protocol stays the study's
       study = dataclasses.replace(study, arms={
           k: {**v, "learning_rate": a.lr} for k, v in study.arms.items()})
     run_study(study, arms, seeds, protocol, data_dir, out_dir, Path(a.workdir),
