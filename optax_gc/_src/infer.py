@@ -12,8 +12,11 @@ A parameter's *use* is where it meets the activations:
 
 On the way, shape ops (transpose, reshape, broadcast, slice, ...) map the parameter's axes onto
 the value's, an axis selected one index at a time (a scanned or indexed layer stack) becomes an
-output axis, and sub-jaxprs (``jit``, ``custom_jvp``/``custom_vjp``, ``remat``, ``cond``,
-``while``, ``scan``, ``shard_map``) are followed by one generic recursion.
+output axis (a *stacked* one, for :func:`infer_layout`), and sub-jaxprs (``jit``,
+``custom_jvp``/``custom_vjp``, ``remat``, ``cond``, ``while``, ``scan``, ``shard_map``) are
+followed by one generic recursion. Every primitive of the supported JAX versions is in exactly one
+class: a rule, a call, or not followed with a stated reason (the tables below), and a parameter
+that reaches one not followed, or none of them, raises: nothing is guessed.
 """
 
 import collections
