@@ -68,6 +68,8 @@ MAP_PARAMS = {"probe": _random((1, 1, 32)), "wq": _random((32, 4, 8), 1),
 def test_learned_query_through_a_dense_layer():
   spec = optax_gc.infer_output_axes(_map_head, MAP_PARAMS, _input(2, 5, 32))
   assert spec == {"probe": None, "wq": (1, 2), "bq": None, "wk": (1, 2)}
+  # On a batch of one the probe is not broadcast at all: a vector the contraction takes whole.
+  assert optax_gc.infer_output_axes(_map_head, MAP_PARAMS, _input(1, 5, 32)) == spec
   # The truth of the query projection is read at its direct output, q (features: heads, dims).
   def q_of(p, x):
     probe = jnp.broadcast_to(p["probe"], (x.shape[0], 1, x.shape[-1]))
@@ -94,6 +96,15 @@ def test_perceiver_latents_and_detr_queries():
   want = _truth.leaf_output_axes(lambda p, x: jnp.broadcast_to(
       p["latents"], (x.shape[0], 3, 6)) @ p["wq"], params, "wq", _random((2, 5, 6)))
   assert want == (1,)
+
+
+def test_a_learned_vector_times_a_matrix_is_that_matrix_input():
+  def learned_bias(p, x):  # a bias made by a dense layer from a learned vector
+    return x @ p["w"] + p["v"] @ p["b"]
+
+  params = {"w": _random((6, 4)), "v": _random((3,), 1), "b": _random((3, 4), 2)}
+  spec = _check_against_truth(learned_bias, params, [_random((2, 6))], learned_inputs={"v"})
+  assert spec == {"w": (1,), "v": None, "b": (1,)}
 
 
 def test_lora_and_weight_norm_products_stay_parameter_values():

@@ -262,14 +262,22 @@ class _Interpreter:
       return here
     return next((w for w in reversed(self._outer) if w), "")
 
-  def is_new_axis(self, info: _Info, axis: int, size: int) -> bool:
-    """Whether ``axis`` of the value is its own: no parameter axis runs along it.
+  def is_input(self, info: _Info, shape: Sequence[int], free: Sequence[int],
+               contracting: Sequence[int]) -> bool:
+    """Whether a parameter value, as a side of a product with another, is that one's input.
 
-    That is an axis made by a broadcast (of any size, a batch of one included), or one of
-    several entries along which only parameter axes of one entry run (a tiled size-1 axis).
+    It is when one of its free axes is its own: no parameter axis runs along it, as along an
+    axis made by a broadcast (of any size, a batch of one included) or a size-1 axis tiled to
+    several entries. It is too when every free axis has one entry and the contraction takes all
+    of it: a vector fed to the other side (a probe of shape ``(1, 1, d)`` on a batch of one).
     """
-    along = [self.shapes[p][a] for p, o in info.origins.items() for a in o.dims[axis]]
-    return not along or (size > 1 and max(along) == 1)
+    def along(axis: int) -> list[int]:
+      return [self.shapes[p][a] for p, o in info.origins.items() for a in o.dims[axis]]
+
+    if any(not along(d) or (shape[d] > 1 and max(along(d)) == 1) for d in free):
+      return True
+    return (all(shape[d] == 1 for d in free)
+            and any(n > 1 for d in contracting for n in along(d)))
 
   # -- recording ---------------------------------------------------------------------------------
 
@@ -812,7 +820,8 @@ def _contract(interp: _Interpreter, eqn: Any, ins: list[_Info], contracting: Seq
 
   Between two parameter values, one side is the other's *input* when it has an axis of its own
   that stays free: an axis that no parameter axis (of more than one entry) runs along, a batch
-  it was broadcast or tiled to, as a learned query, latent array or class token is. The
+  it was broadcast or tiled to, as a learned query, latent array or class token is; or when it
+  is a vector that the contraction takes whole (a probe on a batch of one). The
   other side's contracting axes are then its fan-in, as with any input, the result counts as
   activations, and the input side is left alone. LoRA's ``A @ B`` and a weight scaled by a norm
   have no such axis: their product is a parameter value, used where it meets the activations.
@@ -820,8 +829,8 @@ def _contract(interp: _Interpreter, eqn: Any, ins: list[_Info], contracting: Seq
   name = eqn.primitive.name
   sides = list(zip(ins, contracting, batch, strict=True))
   if not any(i.tainted for i in ins):
-    inputs = [k for k, (info, f) in enumerate(zip(ins, free, strict=True)) if info.origins and any(
-        interp.is_new_axis(info, d, eqn.invars[k].aval.shape[d]) for d in f)]
+    inputs = [k for k, (info, f, cs) in enumerate(zip(ins, free, contracting, strict=True))
+              if info.origins and interp.is_input(info, eqn.invars[k].aval.shape, f, cs)]
     if len(inputs) == 1 and all(i.origins for i in ins):
       learned = ins[inputs[0]]
       for p in learned.origins:
